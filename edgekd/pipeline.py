@@ -1,0 +1,348 @@
+"""The stage runner: ordering, fingerprints, skip/resume, run directory, manifest, lock, log.
+
+Each stage is a module in `edgekd.stages` with the same small interface:
+
+    NAME: str
+    def enabled(cfg) -> bool                 # switched on by the config?
+    def depends_on(cfg) -> list[str]         # earlier stages whose artifacts it reads
+    def config_view(cfg) -> dict             # the config it reads (part of its fingerprint)
+    def run(cfg, ctx: RunContext) -> StageResult
+
+The ordered tuple `STAGES` is the only registry; modules are imported lazily, so a fully cached rerun
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from edgekd import __version__, atomic
+from edgekd.config import STAGES, PipelineConfig, config_to_dict, load_config
+from edgekd.errors import EdgekdError, InputError, StageFailed
+from edgekd.yamlio import dump_yaml
+
+MANIFEST = "manifest.json"
+LOCK = ".edgekd.lock"
+MANIFEST_SCHEMA = 1
+
+log = logging.getLogger("edgekd")
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: the files it wrote (relative to the run dir) and its metrics."""
+
+    artifacts: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    manifest: dict[str, Any]
+
+    @property
+    def budgets_passed(self) -> bool:
+        report = self.manifest.get("stages", {}).get("report", {})
+        return bool(report.get("metrics", {}).get("budgets_passed", True))
+
+
+class RunContext:
+    """What a running stage can see: config, run directory, earlier stages' results, data, device."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, manifest: dict[str, Any], device_override: str | None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.manifest = manifest
+        self._device_override = device_override
+        self.stage = ""
+
+    def path(self, name: str) -> Path:
+        """A path inside the run directory (refuses anything that would escape it)."""
+        target = (self.run_dir / name).resolve()
+        if self.run_dir.resolve() not in (target, *target.parents):
+            raise InputError(f"refusing to write outside the run directory: {name}")
+        return target
+
+    def metrics(self, stage: str) -> dict[str, Any]:
+        return self.manifest.get("stages", {}).get(stage, {}).get("metrics", {})
+
+    def has_stage(self, stage: str) -> bool:
+        return self.manifest.get("stages", {}).get(stage, {}).get("status") == "done"
+
+    def artifact(self, name: str) -> Path:
+        path = self.path(name)
+        if not path.is_file():
+            raise StageFailed(f"stage {self.stage}: missing input artifact {name} (rerun the stage that writes it)")
+        return path
+
+    @cached_property
+    def device(self) -> Any:
+        from edgekd.training import resolve_device
+
+        return resolve_device(self._device_override or self.cfg.device)
+
+    @cached_property
+    def data(self) -> Any:
+        from edgekd.data import load_data
+
+        return load_data(self.cfg.data, seed=self.cfg.seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage modules and fingerprints
+
+
+def load_stage(name: str) -> Any | None:
+    """The stage module, or None when this version of edgekd does not have it."""
+    try:
+        return importlib.import_module(f"edgekd.stages.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"edgekd.stages.{name}":
+            return None
+        raise
+
+
+def _hash_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_fingerprint(module: Any, cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
+    inputs = {
+        dep: manifest.get("stages", {}).get(dep, {}).get("artifacts", {}) for dep in module.depends_on(cfg)
+    }
+    return _hash_json({"stage": module.NAME, "config": module.config_view(cfg), "inputs": inputs, "version": __version__})
+
+
+def _artifacts_intact(run_dir: Path, entry: dict[str, Any]) -> bool:
+    for name, digest in entry.get("artifacts", {}).items():
+        path = run_dir / name
+        if not path.is_file() or atomic.sha256_file(path) != digest:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Lock
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One edgekd run per run directory; a lock left by a dead process is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock_path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            same_host = holder.get("host") == record["host"]
+            if holder and same_host and _process_alive(int(holder.get("pid", -1))):
+                raise InputError(
+                    f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish"
+                ) from None
+            if holder and not same_host:
+                raise InputError(
+                    f"{run_dir}: locked by edgekd on host {holder.get('host')} (pid {holder.get('pid')}); "
+                    f"remove {lock_path} if that run is gone"
+                ) from None
+            log.warning("taking over a stale lock left by pid %s", holder.get("pid", "?"))
+            lock_path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+        break
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest and logging
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return {"schema_version": MANIFEST_SCHEMA, "stages": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); delete it to start the run afresh") from None
+    if manifest.get("schema_version") != MANIFEST_SCHEMA:
+        raise InputError(f"{path}: manifest schema_version {manifest.get('schema_version')} is not {MANIFEST_SCHEMA}")
+    manifest.setdefault("stages", {})
+    return manifest
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest["edgekd_version"] = __version__
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic.write_json(run_dir / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def _log_to(run_dir: Path) -> Iterator[None]:
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def setup_console_logging(verbose: bool = False) -> None:
+    if any(getattr(h, "_edgekd_console", False) for h in log.handlers):
+        return
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console._edgekd_console = True  # type: ignore[attr-defined]
+    log.addHandler(console)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def _select(cfg: PipelineConfig, only: list[str], from_stage: str | None, force: list[str]) -> tuple[list[str], set[str]]:
+    for name in [*only, *force, *([from_stage] if from_stage else [])]:
+        if name not in STAGES:
+            raise InputError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    forced = set(force)
+    if from_stage:
+        forced |= set(STAGES[STAGES.index(from_stage):])
+    selected = [s for s in STAGES if not only or s in only]
+    return selected, forced
+
+
+def run_pipeline(
+    config: PipelineConfig | str | Path,
+    *,
+    only: list[str] | None = None,
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    output_dir: Path | None = None,
+    device: str | None = None,
+) -> RunOutcome:
+    """Run the stages in order, skipping those whose fingerprint matches the run directory's manifest."""
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    if output_dir is not None:
+        cfg.output_dir = Path(output_dir).resolve()
+    selected, forced = _select(cfg, list(only or []), from_stage, list(force or []))
+    run_dir = cfg.run_dir
+    setup_console_logging()
+    with run_lock(run_dir), _log_to(run_dir):
+        atomic.remove_stale_temps(run_dir)
+        manifest = read_manifest(run_dir)
+        atomic.write_text(run_dir / "config.yaml", dump_yaml(config_to_dict(cfg)))
+        log.info("edgekd %s: run directory %s", __version__, run_dir)
+        ctx = RunContext(cfg, run_dir, manifest, device)
+        ran: list[str] = []
+        skipped: list[str] = []
+        unavailable: set[str] = set()
+        for name in STAGES:
+            module = load_stage(name)
+            if module is None:
+                log.info("[%s] not available in this version of edgekd", name)
+                unavailable.add(name)
+                continue
+            if not module.enabled(cfg):
+                log.info("[%s] switched off in the config", name)
+                manifest["stages"].pop(name, None)
+                continue
+            missing = [d for d in module.depends_on(cfg) if d in unavailable]
+            if missing:
+                log.info("[%s] not run: needs %s, which is not available", name, ", ".join(missing))
+                unavailable.add(name)
+                continue
+            fingerprint = stage_fingerprint(module, cfg, manifest)
+            entry = manifest["stages"].get(name, {})
+            cached = (
+                entry.get("status") == "done" and entry.get("fingerprint") == fingerprint and _artifacts_intact(run_dir, entry)
+            )
+            if name not in selected or (cached and name not in forced):
+                if name in selected:
+                    log.info("[%s] up to date (fingerprint %s), skipped", name, fingerprint)
+                    skipped.append(name)
+                elif not cached:
+                    raise InputError(
+                        f"stage '{name}' is not up to date in {run_dir}; run it too (drop --only or add --only {name})"
+                    )
+                continue
+            _run_stage(module, ctx, fingerprint)
+            ran.append(name)
+        return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=manifest)
+
+
+def _run_stage(module: Any, ctx: RunContext, fingerprint: str) -> None:
+    name = module.NAME
+    manifest = ctx.manifest
+    # Forget the stage before touching its files: if we are killed midway, the rerun redoes it.
+    previous = manifest["stages"].pop(name, None)
+    write_manifest(ctx.run_dir, manifest)
+    for artifact in (previous or {}).get("artifacts", {}):
+        ctx.path(artifact).unlink(missing_ok=True)
+    log.info("[%s] running", name)
+    ctx.stage = name
+    started = time.perf_counter()
+    try:
+        result: StageResult = module.run(ctx.cfg, ctx)
+    except EdgekdError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a bug or a library failure: one line on the console, the traceback in log.txt
+        log.debug("%s", traceback.format_exc())
+        with open(ctx.run_dir / "log.txt", "a", encoding="utf-8") as handle:
+            handle.write(traceback.format_exc())
+        raise StageFailed(f"stage {name} failed: {type(exc).__name__}: {exc} (traceback in {ctx.run_dir / 'log.txt'})") from exc
+    wall = time.perf_counter() - started
+    artifacts = {a: atomic.sha256_file(ctx.path(a)) for a in result.artifacts}
+    manifest["stages"][name] = {
+        "status": "done",
+        "fingerprint": fingerprint,
+        "config": module.config_view(ctx.cfg),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(wall, 3),
+        "artifacts": artifacts,
+        "metrics": result.metrics,
+        "summary": result.summary,
+    }
+    write_manifest(ctx.run_dir, manifest)
+    log.info("[%s] done in %.1f s%s", name, wall, f": {result.summary}" if result.summary else "")

@@ -1,0 +1,247 @@
+"""The one training loop, shared by teacher training, distillation and pruning recovery.
+
+The objective (plain CE, KD, KD + hint) is passed in; everything else — batching, augmentation, optimizer,
+schedule, AMP, NaN guard, per-epoch validation, best-checkpoint selection — lives here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.config import TrainConfig
+from edgekd.data import DataBundle, Split
+from edgekd.errors import InputError, StageFailed
+from edgekd.losses import CrossEntropyObjective, Objective
+
+SHIFT_PIXELS = 2
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when present, else CPU (then torch uses every core the process may run on)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device: '{name}' requested but CUDA is not available (use device: auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device: 'mps' requested but it is not available")
+    if name == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+@dataclass
+class Batches:
+    """Index-based batching over an in-memory split (no DataLoader overhead for tensors already in memory).
+
+    `rank`/`world_size` shard the epoch's permutation through DistributedSampler under torchrun.
+    """
+
+    split: Split
+    data: DataBundle
+    batch_size: int
+    device: torch.device
+    shuffle: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    _images: torch.Tensor | None = None
+    _labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # On a GPU the whole uint8 split fits easily: copy it once, not every batch.
+        self._images = self.split.images.to(self.device)
+        self._labels = self.split.labels.to(self.device)
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        count = len(self.split)
+        if self.world_size > 1:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(range(count), self.world_size, self.rank, shuffle=self.shuffle, seed=self.seed)
+            sampler.set_epoch(epoch)
+            return torch.tensor(list(iter(sampler)), dtype=torch.long)
+        if not self.shuffle:
+            return torch.arange(count)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return torch.randperm(count, generator=generator)
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.split) / self.world_size)
+        return math.ceil(per_rank / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = self.indices(epoch)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            device_index = index.to(self.device)
+            yield self.data.normalize(self._images[device_index]), self._labels[device_index], index
+
+
+def augment(inputs: torch.Tensor, data: DataBundle, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 pixels (padding with the normalized value of a black pixel), plus
+    horizontal flips for natural images. Cheap tensor ops on the batch, on its device."""
+    n, c, h, w = inputs.shape
+    pad = SHIFT_PIXELS
+    background = torch.tensor([-m / s for m, s in zip(data.meta.mean, data.meta.std)], device=inputs.device)
+    canvas = background.view(1, c, 1, 1).expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    canvas[:, :, pad:pad + h, pad:pad + w] = inputs
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+    out = torch.empty_like(inputs)
+    for dy, dx in {tuple(o) for o in offsets.tolist()}:
+        chosen = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().squeeze(1).to(inputs.device)
+        out[chosen] = canvas[chosen, :, dy:dy + h, dx:dx + w]
+    if data.meta.natural_images:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(inputs.device)
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "onecycle" and total_steps > 1:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 1e-3)
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = 0.0
+    wall_s: float = 0.0
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, data: DataBundle, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Logits for a whole split (float32, on CPU), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    outputs = [model(x).float().cpu() for x, _, _ in Batches(split, data, batch_size, device).epoch(0)]
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels.cpu()).float().mean()) if len(labels) else 0.0
+
+
+def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    return float((logits.argmax(1) == reference_logits.argmax(1)).float().mean()) if len(logits) else 0.0
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    objective: Objective | None = None,
+    desc: str = "train",
+    batch_size: int | None = None,
+    eval_batch_size: int = 512,
+    reference_val_logits: torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> FitResult:
+    """Train `model` in place; at the end it holds the weights of the epoch with the best validation accuracy.
+
+    `reference_val_logits` (the teacher's on the validation split) adds top-1 agreement to each epoch's row.
+    `wrap` wraps the model for the forward/backward passes (DistributedDataParallel under torchrun).
+    """
+    from tqdm import tqdm
+
+    objective = objective or CrossEntropyObjective(cfg.label_smoothing)
+    seed_everything(seed)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    trained = wrap(model) if wrap else model
+    train_batches = Batches(data.train, data, batch_size or 128, device, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    params = [p for p in model.parameters() if p.requires_grad] + objective.extra_parameters()
+    optimizer = _optimizer(params, cfg)  # built here, after any pruning: never holds stale parameters
+    scheduler = _scheduler(optimizer, cfg, cfg.epochs * len(train_batches))
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    augment_generator = torch.Generator().manual_seed(seed + 7)
+    result = FitResult()
+    best_state = copy.deepcopy(model.state_dict())
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        trained.train()
+        epoch_started = time.perf_counter()
+        sums: dict[str, float] = {}
+        seen = 0
+        progress = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f"{desc} {epoch}/{cfg.epochs}",
+                        leave=False, disable=None if rank == 0 else True)
+        for step, (inputs, labels, indices) in enumerate(progress, start=1):
+            augmented = cfg.augment
+            if augmented:
+                inputs = augment(inputs, data, augment_generator)
+            if cfg.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                loss, parts = objective(trained, inputs, labels, indices, augmented)
+            if not torch.isfinite(loss):
+                raise StageFailed(f"{desc}: loss became {float(loss)} at epoch {epoch}, step {step} (lower the learning rate?)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            count = len(labels)
+            seen += count
+            for name, value in {"loss": loss, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * count
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
+        val_logits = predict(model, data.val, data, device, eval_batch_size)
+        row["val_accuracy"] = round(accuracy(val_logits, data.val.labels), 6)
+        row["val_loss"] = round(float(F.cross_entropy(val_logits, data.val.labels)), 6)
+        if reference_val_logits is not None:
+            row["val_agreement"] = round(agreement(val_logits, reference_val_logits), 6)
+        row["time_s"] = round(time.perf_counter() - epoch_started, 3)
+        result.history.append(row)
+        if row["val_accuracy"] > result.best_val_accuracy or epoch == 1:
+            result.best_val_accuracy = row["val_accuracy"]
+            result.best_epoch = epoch
+            best_state = copy.deepcopy(model.state_dict())
+        parts_text = " ".join(f"{k.removeprefix('train_')}={v:.4f}" for k, v in row.items() if k.startswith("train_"))
+        agreement_text = f" agree={row['val_agreement']:.4f}" if "val_agreement" in row else ""
+        log(f"  {desc} epoch {epoch}/{cfg.epochs}: {parts_text} val_acc={row['val_accuracy']:.4f}{agreement_text} ({row['time_s']:.1f} s)")
+    model.load_state_dict(best_state)
+    model.eval()
+    result.wall_s = round(time.perf_counter() - started, 3)
+    return result
