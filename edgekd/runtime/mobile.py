@@ -39,8 +39,15 @@ def _ort_tool_exists(module: str) -> bool:
     return (Path(onnxruntime.__file__).parent / "tools" / f"{module}.py").is_file()
 
 
+# `python -m onnxruntime.tools.X`, except that torch is marked absent first: onnxruntime/tools/__init__.py
+# imports torch whenever it is installed (for an export helper these tools never use), which costs
+# seconds and hundreds of MB per call on a dev machine.
+_TOOL_LAUNCHER = ("import runpy, sys; sys.modules['torch'] = None; module = sys.argv.pop(1); "
+                  "runpy.run_module(module, run_name='__main__', alter_sys=True)")
+
+
 def _run_ort_tool(module: str, args: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", f"onnxruntime.tools.{module}", *args]
+    command = [sys.executable, "-c", _TOOL_LAUNCHER, f"onnxruntime.tools.{module}", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=_TOOL_TIMEOUT_S, cwd=cwd)
 
 
@@ -127,6 +134,9 @@ def convert_to_ort_with_reason(model_path: str | os.PathLike,
             lines = (proc.stderr + proc.stdout).strip().splitlines()
             errors = [line for line in lines if "error" in line.lower()] or lines
             return None, (errors or [f"exit code {proc.returncode}"])[-1].strip()
+        # The operator list a minimal ORT build needs (`build.sh --include_ops_by_config`) goes along.
+        for config in (Path(work_dir) / "out").glob("*.config"):
+            os.replace(config, out_dir / f"{model_path.stem}.required_operators.config")
         os.replace(produced, target)
     return target, None
 
@@ -141,5 +151,7 @@ def convert_to_ort(model_path: str | os.PathLike, out_dir: str | os.PathLike) ->
 
 def mobile_report(model_path: str | os.PathLike, check_usability: bool = True) -> dict[str, Any]:
     """Operators plus (optionally, it takes a few seconds) ORT's mobile usability verdict."""
+    if Path(model_path).suffix.lower() == ".ort":  # already converted: a flatbuffer, not a ModelProto
+        return {"operators": None, "usability": None, "reason": "ORT-format model: checks apply to the .onnx"}
     return {"operators": operator_summary(model_path),
             "usability": check_mobile_usability(model_path) if check_usability else None}

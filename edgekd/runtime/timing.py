@@ -41,7 +41,10 @@ def summarize(samples_seconds: Sequence[float] | np.ndarray) -> LatencyStats:
     samples_ms = np.asarray(samples_seconds, dtype=np.float64) * 1e3
     if samples_ms.ndim != 1 or samples_ms.size == 0:
         raise ValueError("summarize() needs a non-empty 1-D sequence of latencies")
-    p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99], method="linear")
+    try:
+        p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99], method="linear")
+    except TypeError:  # numpy < 1.22 (old board images) names the same option `interpolation`
+        p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99], interpolation="linear")
     return LatencyStats(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(samples_ms.mean()),
                         std=float(samples_ms.std()), min=float(samples_ms.min()),
                         max=float(samples_ms.max()), iterations=int(samples_ms.size))
