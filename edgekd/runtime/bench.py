@@ -156,5 +156,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"mobile   {verdicts}")
     elif usability:
         lines.append(f"mobile   usability check unavailable: {usability.get('reason')}")
+    if mobile.get("reason"):
+        lines.append(f"mobile   {mobile['reason']}")
     lines += [f"note     {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

@@ -113,6 +113,8 @@ def run_device_benchmark(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     artifacts, configurations = [], []  # configurations: (label, model name, path, providers, signature)
     inputs_by_signature: dict[tuple, dict[int, Any]] = {}
+    notes_by_signature: dict[tuple, list[str]] = {}
+    signature_of: dict[str, tuple] = {}
     for name, path in models.items():
         shown = path.name if path.resolve().parent == Path(args.bundle_dir).resolve() else str(path)
         row: dict[str, Any] = {"name": name, "path": shown, "size_bytes": path.stat().st_size,
@@ -129,7 +131,10 @@ def run_device_benchmark(args: argparse.Namespace, log=print) -> dict[str, Any]:
                                samples=evaluation["samples"])
             signature = tuple((s.name, s.dims, str(s.dtype)) for s in input_spec(session))
             if signature not in inputs_by_signature:
-                inputs_by_signature[signature] = inputs_for_batches(session, args.batch, data, row["notes"])
+                notes_by_signature[signature] = []
+                inputs_by_signature[signature] = inputs_for_batches(session, args.batch, data,
+                                                                    notes_by_signature[signature])
+            signature_of[name] = signature
             configurations.append((f"{name}@{short}", name, path, providers, signature))
         artifacts.append(row)
 
@@ -137,6 +142,8 @@ def run_device_benchmark(args: argparse.Namespace, log=print) -> dict[str, Any]:
     by_name = {row["name"]: row for row in artifacts}
     for signature, inputs_by_batch in inputs_by_signature.items():
         group = [c for c in configurations if c[4] == signature]
+        if not inputs_by_batch:
+            continue  # every batch size was refused: the notes say why
         log(f"timing {', '.join(c[0] for c in group)}: threads {args.threads} x batches "
             f"{list(inputs_by_batch)}, {args.iterations} runs each")
         results = interleaved_benchmark({c[0]: c[2] for c in group}, inputs_by_batch, args.threads,
@@ -146,24 +153,29 @@ def run_device_benchmark(args: argparse.Namespace, log=print) -> dict[str, Any]:
             by_name[name]["latency_ms"] += [{**latency, "provider": provider} for latency in results[label]]
 
     for row in artifacts:
-        path = models[row["name"]]
+        path, signature = models[row["name"]], signature_of[row["name"]]
+        row["notes"] += notes_by_signature[signature]
         cpu_rows = [r for r in row["latency_ms"] if r["provider"] == "cpu"] or row["latency_ms"]
         row["throughput_ips"] = max((r["throughput_ips"] for r in cpu_rows), default=None)
         row["providers"] = sorted({p for r in row["latency_ms"] for p in r["providers"]})
         row["operators"] = operator_summary(path) if path.suffix.lower() == ".onnx" else None
         row["peak_memory_bytes"], row["memory"] = None, None
-        if not args.no_memory:
-            profile = memory_profile(path, threads=args.threads[0], batch=min(args.batch))
-            row["peak_memory_bytes"], row["memory"] = profile["peak_bytes"], profile
+        if not args.no_memory and inputs_by_signature[signature]:
+            try:
+                profile = memory_profile(path, threads=args.threads[0], batch=min(inputs_by_signature[signature]))
+                row["peak_memory_bytes"], row["memory"] = profile["peak_bytes"], profile
+            except RuntimeError as exc:  # e.g. the probe was killed for memory: report it, keep the timings
+                row["notes"].append(f"peak memory not measured: {exc}")
     return {
         "schema_version": DEVICE_SCHEMA_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": device,
         "fingerprint": environment_fingerprint(device),
         "label": describe(device),
-        "runner": {"runtime_package": __package__, "providers_measured": sorted(provider_sets), "xnnpack": "xnnpack" in provider_sets,
-                   "threads": args.threads, "batches": args.batch, "warmup": args.warmup,
-                   "iterations": args.iterations, "data": None if not args.data else os.path.basename(args.data)},
+        "runner": {"runtime_package": __package__, "providers_measured": sorted(provider_sets),
+                   "xnnpack": "xnnpack" in provider_sets, "threads": args.threads, "batches": args.batch,
+                   "warmup": args.warmup, "iterations": args.iterations,
+                   "data": os.path.basename(args.data) if args.data else None},
         "artifacts": artifacts,
     }
 

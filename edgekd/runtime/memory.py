@@ -40,7 +40,7 @@ def current_peak_rss_bytes() -> int | None:
 
 
 def _run_child(args: Sequence[str], what: str) -> int | None:
-    from .errors import RuntimeInputError
+    from .errors import RuntimeInputError  # not at module level: this file also runs as a bare script
 
     command = [sys.executable, os.path.join(_HERE, "memory.py"), *args]
     try:

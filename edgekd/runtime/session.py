@@ -141,7 +141,7 @@ def open_session(model_path: str | os.PathLike, threads: int = 1,
         return ort.InferenceSession(str(path), sess_options=options, providers=provider_entries)
     except Exception as exc:  # ORT raises pybind classes (InvalidProtobuf, Fail, ...) without a common base
         first_line = _short_ort_error(exc)
-        if "protobuf" in first_line.lower() or type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph"):
+        if "protobuf" in first_line.lower() or type(exc).__name__ == "InvalidProtobuf":
             raise RuntimeInputError(f"{path}: not an ONNX model ({first_line})") from None
         raise RuntimeInputError(f"{path}: onnxruntime could not load the model ({first_line})") from None
 
