@@ -57,8 +57,6 @@ class DataConfig(_Section):
     """Training batch size (per process under torchrun: the global batch is batch_size x world size)."""
     eval_batch_size: int = Field(512, gt=0)
     """Batch size for evaluation."""
-    num_workers: int = Field(0, ge=0)
-    """DataLoader workers for file-based datasets (in-memory datasets need none)."""
     limit: int | None = Field(None, gt=0)
     """Use at most this many samples in total (quick experiments)."""
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -310,15 +308,25 @@ class PipelineConfig(_Section):
     output_dir: Path | None = None
     """Run directory (default runs/<name>, relative to this file)."""
     data: DataConfig = DataConfig()
+    """Dataset, splits and batch sizes."""
     teacher: TeacherConfig = TeacherConfig()
+    """The teacher: a checkpoint to load, or an architecture to train."""
     student: StudentConfig = StudentConfig()
+    """The student architecture."""
     distill: DistillConfig | None = DistillConfig()
+    """Knowledge distillation into the student (null: off)."""
     prune: PruneConfig | None = PruneConfig()
+    """Structured channel pruning with KD recovery (null: off)."""
     export: ExportConfig = ExportConfig()
+    """ONNX export and parity checks."""
     quantize: QuantizeConfig | None = QuantizeConfig()
+    """Post-training int8 with onnxruntime.quantization (null or mode none: off)."""
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    """ONNX Runtime latency, throughput, memory and accuracy of every artifact."""
     budgets: BudgetsConfig = BudgetsConfig()
+    """Limits that make `edgekd run` exit 1 when breached."""
     report: ReportConfig = ReportConfig()
+    """Report rendering."""
 
     @field_validator("name")
     @classmethod

@@ -276,6 +276,7 @@ def run_pipeline(
         ran: list[str] = []
         skipped: list[str] = []
         unavailable: set[str] = set()
+        stale: set[str] = set()  # not selected by --only and not up to date
         for name in STAGES:
             module = load_stage(name)
             if module is None:
@@ -296,15 +297,20 @@ def run_pipeline(
             cached = (
                 entry.get("status") == "done" and entry.get("fingerprint") == fingerprint and _artifacts_intact(run_dir, entry)
             )
-            if name not in selected or (cached and name not in forced):
-                if name in selected:
-                    log.info("[%s] up to date (fingerprint %s), skipped", name, fingerprint)
-                    skipped.append(name)
-                elif not cached:
-                    raise InputError(
-                        f"stage '{name}' is not up to date in {run_dir}; run it too (drop --only or add --only {name})"
-                    )
+            if name not in selected:
+                if not cached:
+                    stale.add(name)
                 continue
+            if cached and name not in forced:
+                log.info("[%s] up to date (fingerprint %s), skipped", name, fingerprint)
+                skipped.append(name)
+                continue
+            stale_inputs = [d for d in module.depends_on(cfg) if d in stale]
+            if stale_inputs:
+                raise InputError(
+                    f"stage '{name}' needs {', '.join(stale_inputs)}, which is not up to date in {run_dir}; "
+                    f"run it too (add --only {stale_inputs[0]})"
+                )
             _run_stage(module, ctx, fingerprint)
             ran.append(name)
         return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=manifest)

@@ -114,7 +114,7 @@ def _read_folder(root: Path, size: int, channels: int | None, class_names: list[
         folder = root / name
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         for file in files:
-            array = _read_image(file, size, first_channels)
+            array = _read_image(file, size, channels)
             if first_channels is None:
                 first_channels = array.shape[0]
             elif array.shape[0] != first_channels:
@@ -152,6 +152,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("builtins", "bytes"),

@@ -34,8 +34,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise InputError(f"{path}: refused to load: not a plain weights file ({first[:160]})") from None
+        # torch's message is a paragraph; keep the line that names what was refused
+        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        reason = lines[0].split("WeightsUnpickler error:", 1)[-1].strip() if lines else "unsafe or unknown content"
+        raise InputError(f"{path}: refused to load: not a plain weights file ({reason[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
         raise InputError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
     meta: dict[str, Any] = {}
