@@ -30,7 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from edgekd import __version__, atomic
+from edgekd import __version__, atomic, distributed
 from edgekd.config import STAGES, PipelineConfig, config_to_dict, load_config
 from edgekd.errors import EdgekdError, InputError, StageFailed
 from edgekd.yamlio import dump_yaml
@@ -74,10 +74,23 @@ class RunContext:
         self._device_override = device_override
         self.stage = ""
 
+    @cached_property
+    def write_dir(self) -> Path:
+        """Where this process writes: the run directory on rank 0, a private scratch folder on other ranks."""
+        if distributed.is_main():
+            return self.run_dir
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=f"edgekd-rank{distributed.rank()}-"))
+
     def path(self, name: str) -> Path:
-        """A path inside the run directory (refuses anything that would escape it)."""
-        target = (self.run_dir / name).resolve()
-        if self.run_dir.resolve() not in (target, *target.parents):
+        """Where to write artifact `name` (refuses anything that would escape the run directory)."""
+        return self._inside(self.write_dir, name)
+
+    @staticmethod
+    def _inside(folder: Path, name: str) -> Path:
+        target = (folder / name).resolve()
+        if folder.resolve() not in (target, *target.parents):
             raise InputError(f"refusing to write outside the run directory: {name}")
         return target
 
@@ -88,7 +101,8 @@ class RunContext:
         return self.manifest.get("stages", {}).get(stage, {}).get("status") == "done"
 
     def artifact(self, name: str) -> Path:
-        path = self.path(name)
+        """An input artifact written by an earlier stage (read from the run directory on every rank)."""
+        path = self._inside(self.run_dir, name)
         if not path.is_file():
             raise StageFailed(f"stage {self.stage}: missing input artifact {name} (rerun the stage that writes it)")
         return path
@@ -225,14 +239,14 @@ def _log_to(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-def setup_console_logging(verbose: bool = False) -> None:
+def setup_console_logging(verbose: bool = False, quiet: bool = False) -> None:
     if any(getattr(h, "_edgekd_console", False) for h in log.handlers):
         return
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     console._edgekd_console = True  # type: ignore[attr-defined]
     log.addHandler(console)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
 
 
@@ -260,70 +274,110 @@ def run_pipeline(
     output_dir: Path | None = None,
     device: str | None = None,
 ) -> RunOutcome:
-    """Run the stages in order, skipping those whose fingerprint matches the run directory's manifest."""
+    """Run the stages in order, skipping those whose fingerprint matches the run directory's manifest.
+
+    Under torchrun every rank calls this; rank 0 decides and writes, the others follow (see distributed.py).
+    """
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
     if output_dir is not None:
         cfg.output_dir = Path(output_dir).resolve()
     selected, forced = _select(cfg, list(only or []), from_stage, list(force or []))
     run_dir = cfg.run_dir
-    setup_console_logging()
-    with run_lock(run_dir), _log_to(run_dir):
-        atomic.remove_stale_temps(run_dir)
-        manifest = read_manifest(run_dir)
-        atomic.write_text(run_dir / "config.yaml", dump_yaml(config_to_dict(cfg)))
-        log.info("edgekd %s: run directory %s", __version__, run_dir)
-        ctx = RunContext(cfg, run_dir, manifest, device)
+    main = distributed.is_main()
+    setup_console_logging(quiet=not main)
+    with (run_lock(run_dir) if main else contextlib.nullcontext()), (_log_to(run_dir) if main else contextlib.nullcontext()):
+        manifest: dict[str, Any] = {}
+        if main:
+            atomic.remove_stale_temps(run_dir)
+            manifest = read_manifest(run_dir)
+            atomic.write_text(run_dir / "config.yaml", dump_yaml(config_to_dict(cfg)))
+            log.info("edgekd %s: run directory %s", __version__, run_dir)
+        ctx = RunContext(cfg, run_dir, distributed.broadcast_object(manifest), device)
+        planner = _Planner(cfg, run_dir, selected, forced)
         ran: list[str] = []
         skipped: list[str] = []
-        unavailable: set[str] = set()
-        stale: set[str] = set()  # not selected by --only and not up to date
         for name in STAGES:
-            module = load_stage(name)
-            if module is None:
-                log.info("[%s] not available in this version of edgekd", name)
-                unavailable.add(name)
-                continue
-            if not module.enabled(cfg):
-                log.info("[%s] switched off in the config", name)
-                manifest["stages"].pop(name, None)
-                continue
-            missing = [d for d in module.depends_on(cfg) if d in unavailable]
-            if missing:
-                log.info("[%s] not run: needs %s, which is not available", name, ", ".join(missing))
-                unavailable.add(name)
-                continue
-            fingerprint = stage_fingerprint(module, cfg, manifest)
-            entry = manifest["stages"].get(name, {})
-            cached = (
-                entry.get("status") == "done" and entry.get("fingerprint") == fingerprint and _artifacts_intact(run_dir, entry)
-            )
-            if name not in selected:
-                if not cached:
-                    stale.add(name)
-                continue
-            if cached and name not in forced:
-                log.info("[%s] up to date (fingerprint %s), skipped", name, fingerprint)
+            decision = None
+            if main:
+                try:
+                    decision = planner.decide(name, ctx.manifest)
+                except EdgekdError as exc:
+                    distributed.broadcast_object(("abort", str(exc)))
+                    raise
+            action, detail = distributed.broadcast_object(decision)
+            if action == "abort":
+                raise StageFailed(f"rank {distributed.rank()}: rank 0 stopped the run: {detail}")
+            if action == "skip":
                 skipped.append(name)
+            if action != "run":
                 continue
-            stale_inputs = [d for d in module.depends_on(cfg) if d in stale]
-            if stale_inputs:
-                raise InputError(
-                    f"stage '{name}' needs {', '.join(stale_inputs)}, which is not up to date in {run_dir}; "
-                    f"run it too (add --only {stale_inputs[0]})"
-                )
-            _run_stage(module, ctx, fingerprint)
+            module = load_stage(name)
+            if main or getattr(module, "DISTRIBUTED", False):
+                _run_stage(module, ctx, detail)
+            distributed.barrier()  # artifacts are in place before any rank reads them
+            ctx.manifest = distributed.broadcast_object(ctx.manifest)
             ran.append(name)
-        return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=manifest)
+        return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=ctx.manifest)
+
+
+class _Planner:
+    """Decides, stage by stage, whether to run, skip (up to date) or leave out each stage."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, selected: list[str], forced: set[str]) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.selected = selected
+        self.forced = forced
+        self.unavailable: set[str] = set()
+        self.stale: set[str] = set()  # not selected by --only and not up to date
+
+    def decide(self, name: str, manifest: dict[str, Any]) -> tuple[str, str]:
+        cfg = self.cfg
+        module = load_stage(name)
+        if module is None:
+            log.info("[%s] not available in this version of edgekd", name)
+            self.unavailable.add(name)
+            return "off", ""
+        if not module.enabled(cfg):
+            log.info("[%s] switched off in the config", name)
+            manifest["stages"].pop(name, None)
+            return "off", ""
+        missing = [d for d in module.depends_on(cfg) if d in self.unavailable]
+        if missing:
+            log.info("[%s] not run: needs %s, which is not available", name, ", ".join(missing))
+            self.unavailable.add(name)
+            return "off", ""
+        fingerprint = stage_fingerprint(module, cfg, manifest)
+        entry = manifest["stages"].get(name, {})
+        cached = (
+            entry.get("status") == "done" and entry.get("fingerprint") == fingerprint and _artifacts_intact(self.run_dir, entry)
+        )
+        if name not in self.selected:
+            if not cached:
+                self.stale.add(name)
+            return "off", ""
+        if cached and name not in self.forced:
+            log.info("[%s] up to date (fingerprint %s), skipped", name, fingerprint)
+            return "skip", fingerprint
+        stale_inputs = [d for d in module.depends_on(cfg) if d in self.stale]
+        if stale_inputs:
+            raise InputError(
+                f"stage '{name}' needs {', '.join(stale_inputs)}, which is not up to date in {self.run_dir}; "
+                f"run it too (add --only {stale_inputs[0]})"
+            )
+        return "run", fingerprint
 
 
 def _run_stage(module: Any, ctx: RunContext, fingerprint: str) -> None:
     name = module.NAME
     manifest = ctx.manifest
-    # Forget the stage before touching its files: if we are killed midway, the rerun redoes it.
-    previous = manifest["stages"].pop(name, None)
-    write_manifest(ctx.run_dir, manifest)
-    for artifact in (previous or {}).get("artifacts", {}):
-        ctx.path(artifact).unlink(missing_ok=True)
+    main = distributed.is_main()
+    if main:
+        # Forget the stage before touching its files: if we are killed midway, the rerun redoes it.
+        previous = manifest["stages"].pop(name, None)
+        write_manifest(ctx.run_dir, manifest)
+        for artifact in (previous or {}).get("artifacts", {}):
+            ctx.path(artifact).unlink(missing_ok=True)
     log.info("[%s] running", name)
     ctx.stage = name
     started = time.perf_counter()
@@ -339,6 +393,8 @@ def _run_stage(module: Any, ctx: RunContext, fingerprint: str) -> None:
             handle.write(traceback.format_exc())
         raise StageFailed(f"stage {name} failed: {type(exc).__name__}: {exc} (traceback in {ctx.run_dir / 'log.txt'})") from exc
     wall = time.perf_counter() - started
+    if not main:
+        return
     artifacts = {a: atomic.sha256_file(ctx.path(a)) for a in result.artifacts}
     manifest["stages"][name] = {
         "status": "done",

@@ -10,6 +10,7 @@ from edgekd.pipeline import RunContext, StageResult, log
 from edgekd.stages import build_model, data_view, section
 
 NAME = "teacher"
+DISTRIBUTED = True  # trains on every rank under torchrun
 ARTIFACT = "teacher.pt"
 
 
