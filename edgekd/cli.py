@@ -30,6 +30,13 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except EdgekdError as exc:
             click.echo(str(exc), err=True)
             sys.exit(exc.exit_code)
+        except ValueError as exc:  # the torch-free runtime's RuntimeInputError (a ValueError): bad input, exit 2
+            from edgekd.runtime.errors import RuntimeInputError
+
+            if not isinstance(exc, RuntimeInputError):
+                raise
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -100,6 +107,41 @@ def models() -> None:
     for name in available_models():
         preset = CNN_PRESETS.get(name)
         click.echo(f"{name:24s} {preset if preset else ''}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help="Eval .npz (inputs, labels[, teacher_predictions]): real inputs, plus accuracy and agreement.")
+@click.option("--threads", multiple=True, type=click.IntRange(min=1), help="Intra-op thread count (repeatable; default 1).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch size (repeatable; default 1).")
+@click.option("--providers", multiple=True,
+              help="Execution providers in priority order: cpu, xnnpack, ... or full ORT names (repeatable or comma-separated).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the full result as JSON.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Warm-up runs per setting.")
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed runs per setting.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory probe (a fresh process per model).")
+@click.option("--no-mobile", is_flag=True, help="Skip the mobile-readiness checks (operator list, ORT mobile usability).")
+@reports_errors
+def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tuple[int, ...], providers: tuple[str, ...],
+          json_out: Path | None, warmup: int, iterations: int, no_memory: bool, no_mobile: bool) -> None:
+    """Benchmark one ONNX MODEL with ONNX Runtime: latency per threads x batch, accuracy, memory, mobile readiness.
+
+    Needs only numpy + onnxruntime (torch is never imported). Exits 0 on success, 2 on bad input
+    (not an ONNX model, --data that does not fit the model, an unknown provider).
+    """
+    from edgekd.runtime.bench import bench_model, format_table
+
+    chosen = [name.strip() for item in providers for name in item.split(",") if name.strip()]
+    result = bench_model(model, data, threads=threads or (1,), batches=batches or (1,), providers=chosen or None,
+                         warmup=warmup, iterations=iterations, mobile=not no_mobile, memory=not no_memory,
+                         progress=lambda message: click.echo(message, err=True))  # stdout stays the table
+    click.echo(format_table(result))
+    if json_out is not None:
+        from edgekd import atomic
+
+        atomic.write_json(json_out, result)
+        click.echo(f"wrote {json_out}", err=True)
 
 
 if __name__ == "__main__":

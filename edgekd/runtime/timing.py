@@ -137,14 +137,16 @@ def interleaved_benchmark(models: Mapping[str, str | os.PathLike],
                           threads_list: Sequence[int], warmup: int, iterations: int, chunk: int = 10,
                           clock: Clock = time.perf_counter,
                           providers: Sequence[str] | Mapping[str, Sequence[str] | None] | None = None,
-                          session_factory: SessionFactory = open_session) -> dict[str, list[dict[str, Any]]]:
+                          session_factory: SessionFactory = open_session,
+                          keep_samples: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Benchmark several models side by side so machine noise (thermal, neighbours) hits all alike.
 
     For each (threads, batch): open one session per model, warm each, then run round-robin chunks
     (A x chunk, B x chunk, ...) until every model has `iterations` samples. `providers` is one list for
     all models or a dict label -> list. A model whose fixed batch cannot take a batch size gets no row
     for it. Returns label -> rows with threads, batch, p50..max, iterations, throughput_ips,
-    session_create_ms, first_run_ms, providers.
+    session_create_ms, first_run_ms, providers; with `keep_samples` also samples_ms (the raw steady-state
+    latencies in ms, in measurement order, for distribution plots).
     """
     if iterations < 1 or chunk < 1:
         raise RuntimeInputError(f"iterations and chunk must be >= 1, got {iterations} and {chunk}")
@@ -168,6 +170,9 @@ def interleaved_benchmark(models: Mapping[str, str | os.PathLike],
                 for runner in runners.values():
                     runner.measure(min(chunk, iterations - len(runner.samples)))
             for label, runner in runners.items():
-                rows[label].append(runner.result().to_row(threads=threads))
+                row = runner.result().to_row(threads=threads)
+                if keep_samples:
+                    row["samples_ms"] = [s * 1e3 for s in runner.samples]
+                rows[label].append(row)
             runners.clear()  # release the sessions before the next configuration allocates its own
     return rows

@@ -1,0 +1,242 @@
+"""What the benchmark stage measures, kept apart from the stage so it can be tested on plain files.
+
+ONNX work goes through the torch-free `edgekd.runtime`; torch is imported only inside
+`torch_reference_rows` (the PyTorch eager reference), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("edgekd")
+
+# Canonical row order: the reference first, then each compression step.
+FP32_NAMES = ("teacher", "student_baseline", "student", "pruned")
+INT8_FILE = "model.int8.onnx"
+LATENCY_KEYS = ("threads", "batch", "p50", "p90", "p99", "mean", "std", "min", "max", "iterations", "throughput_ips")
+SAMPLE_DIGITS = 4  # 0.1 us: plenty for a distribution plot, keeps the manifest small
+
+
+@dataclass
+class Artifact:
+    """One ONNX model to measure. `file` is relative to the run directory (what the report shows)."""
+
+    name: str
+    kind: str  # "fp32" | "int8"
+    file: str
+    path: Path
+    params: int | None
+    macs: int | None
+
+
+def _model_entries(export_metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Export metrics `models` as name -> info, whether the export stage wrote a dict or a list of rows."""
+    models = export_metrics.get("models") or {}
+    if isinstance(models, Mapping):
+        return {str(name): dict(info or {}) for name, info in models.items()}
+    return {str(row["name"]): dict(row) for row in models if isinstance(row, Mapping) and row.get("name")}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def collect_artifacts(export_metrics: Mapping[str, Any], quantize_metrics: Mapping[str, Any] | None,
+                      resolve: Callable[[str], Path]) -> list[Artifact]:
+    """The ONNX artifacts of a run, teacher first. `resolve(file)` gives an existing path (or raises).
+
+    The int8 model inherits params/MACs from its source: quantization changes bytes per weight, not counts.
+    """
+    entries = _model_entries(export_metrics)
+    order = [n for n in FP32_NAMES if n in entries] + sorted(n for n in entries if n not in FP32_NAMES)
+    artifacts: list[Artifact] = []
+    for name in order:
+        info = entries[name]
+        file = str(info.get("path") or info.get("file") or f"{name}.onnx")
+        artifacts.append(Artifact(name, "fp32", file, resolve(file), _int_or_none(info.get("params")),
+                                  _int_or_none(info.get("macs"))))
+    if quantize_metrics:
+        name = str(quantize_metrics.get("artifact_name") or "int8")
+        file = str(quantize_metrics.get("path") or quantize_metrics.get("artifact") or INT8_FILE)
+        source = entries.get(str(quantize_metrics.get("source") or ""), {})
+        artifacts.append(Artifact(name, "int8", file, resolve(file), _int_or_none(source.get("params")),
+                                  _int_or_none(source.get("macs"))))
+    return artifacts
+
+
+def batch_inputs(inputs: np.ndarray, batches: Sequence[int]) -> dict[int, np.ndarray]:
+    """Real test images per batch size (cycled when the test split is smaller than a batch)."""
+    return {b: np.ascontiguousarray(inputs[np.resize(np.arange(inputs.shape[0]), b)]) for b in dict.fromkeys(batches)}
+
+
+def evaluate_artifacts(artifacts: Sequence[Artifact], data: Any, threads: int,
+                       providers: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """Accuracy and agreement with the teacher per artifact, on the whole eval set.
+
+    Agreement is against the teacher ONNX model's own predictions here (same runtime, same inputs), so
+    the teacher agrees with itself exactly; without a teacher row, the eval file's teacher predictions.
+    """
+    from edgekd.runtime.evaluate import accuracy, agreement, predict_logits
+    from edgekd.runtime.session import open_session
+
+    predictions = {}
+    for artifact in artifacts:
+        session = open_session(artifact.path, threads=threads, providers=providers)
+        predictions[artifact.name] = predict_logits(session, data.inputs).argmax(axis=-1)
+        del session
+    reference = predictions.get("teacher", data.teacher_predictions)
+    return {name: {"accuracy": accuracy(preds, data.labels),
+                   "agreement": None if reference is None else agreement(preds, reference),
+                   "samples": len(data)} for name, preds in predictions.items()}
+
+
+def measure_peaks(threads: Sequence[int]) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """(peak GFLOP/s used for the compute-bound floor, raw measurements), keyed by thread count ("1": x).
+
+    The floor uses the running maximum over thread counts: N threads can always do what fewer threads
+    did, so a 2-thread figure below the 1-thread one (a busy neighbour during calibration) must not raise
+    the "lower bound". None where calibration fails (no bound is shown).
+    """
+    from edgekd.runtime.peak import measure_peak_gflops
+
+    raw: dict[str, float | None] = {}
+    for count in sorted(set(threads)):
+        try:
+            raw[str(count)] = round(measure_peak_gflops(count), 3)
+        except Exception as exc:  # noqa: BLE001 - the floor is context, not a result to fail on
+            logger.warning("  peak GFLOP/s with %d thread(s) not measured: %s", count, exc)
+            raw[str(count)] = None
+    envelope: dict[str, float | None] = {}
+    best: float | None = None
+    for key, value in raw.items():
+        best = value if best is None or (value is not None and value > best) else best
+        envelope[key] = value if value is None else best
+    return envelope, raw
+
+
+def _bound(macs: int | None, batch: int, peak: float | None) -> float | None:
+    from edgekd.runtime.peak import compute_bound_ms
+
+    return None if not macs or not peak else compute_bound_ms(macs, batch, peak)
+
+
+def _find(rows: Sequence[Mapping[str, Any]], threads: int, batch: int) -> Mapping[str, Any] | None:
+    return next((r for r in rows if r["threads"] == threads and r["batch"] == batch), None)
+
+
+def artifact_row(artifact: Artifact, timing_rows: Sequence[Mapping[str, Any]], evaluation: Mapping[str, Any],
+                 peaks: Mapping[str, float | None], budget_threads: int, budget_batch: int,
+                 peak_memory: int | None) -> dict[str, Any]:
+    """One `artifacts` row of the benchmark metrics (the report.json contract) from raw timing rows."""
+    from edgekd.atomic import sha256_file
+
+    latency = []
+    for raw in timing_rows:
+        row = {key: raw[key] for key in LATENCY_KEYS}
+        bound = _bound(artifact.macs, raw["batch"], peaks.get(str(raw["threads"])))
+        row["compute_bound_ms"] = bound
+        row["overhead_factor"] = None if bound is None else raw["p50"] / bound
+        latency.append(row)
+    at_budget = [r for r in timing_rows if r["threads"] == budget_threads]
+    # The distribution plot wants batch 1; a run that never measures batch 1 gets the budget batch.
+    sampled = _find(timing_rows, budget_threads, 1) or _find(timing_rows, budget_threads, budget_batch)
+    largest = max(at_budget, key=lambda r: r["batch"], default=None)
+    bound_1 = _bound(artifact.macs, 1, peaks.get(str(budget_threads)))
+    single = _find(timing_rows, budget_threads, 1)
+    reference = sampled or (timing_rows[0] if timing_rows else {})
+    return {
+        "name": artifact.name, "kind": artifact.kind, "path": artifact.file, "sha256": sha256_file(artifact.path),
+        "params": artifact.params, "macs": artifact.macs, "size_bytes": artifact.path.stat().st_size,
+        "accuracy": evaluation.get("accuracy"), "agreement": evaluation.get("agreement"),
+        "latency_ms": latency,
+        "throughput_ips": None if largest is None else largest["throughput_ips"],
+        "peak_memory_bytes": peak_memory,
+        "compute_bound_ms": bound_1,
+        "overhead_factor": None if bound_1 is None or single is None else single["p50"] / bound_1,
+        "latency_samples_ms": [round(s, SAMPLE_DIGITS) for s in (sampled or {}).get("samples_ms", [])],
+        "latency_samples_setting": None if sampled is None else {"threads": budget_threads, "batch": sampled["batch"]},
+        "session_create_ms": reference.get("session_create_ms"),
+        "first_run_ms": reference.get("first_run_ms"),
+        "providers": list(reference.get("providers") or []),
+    }
+
+
+def peak_memory(artifact: Artifact, threads: int, batch: int, providers: Sequence[str] | None) -> int | None:
+    """Peak RSS of a fresh process that loads and runs the model (None when the probe fails)."""
+    from edgekd.runtime.memory import memory_profile
+
+    try:
+        return memory_profile(artifact.path, threads=threads, batch=batch, providers=providers)["peak_bytes"]
+    except Exception as exc:  # noqa: BLE001 - an unreadable RSS must not fail the benchmark
+        logger.warning("  peak memory of %s not measured: %s", artifact.name, exc)
+        return None
+
+
+def mobile_candidates(artifacts: Sequence[Artifact]) -> list[Artifact]:
+    """Every int8 model plus the smallest fp32 one: the models an app would ship (bounds the run time)."""
+    fp32 = [a for a in artifacts if a.kind == "fp32"]
+    chosen = [a for a in artifacts if a.kind == "int8"]
+    if fp32:
+        chosen.insert(0, min(fp32, key=lambda a: a.path.stat().st_size))
+    return chosen
+
+
+def mobile_readiness(artifact: Artifact) -> dict[str, Any]:
+    """Operators, ORT's mobile usability verdict and whether ORT-format conversion works (into a temp dir)."""
+    from edgekd.runtime.mobile import convert_to_ort_with_reason, mobile_report
+
+    report = mobile_report(artifact.path, check_usability=True)
+    with tempfile.TemporaryDirectory(prefix="edgekd-ort-") as out_dir:
+        converted, reason = convert_to_ort_with_reason(artifact.path, out_dir)
+        report["ort_conversion"] = {"ok": converted is not None, "reason": reason,
+                                    "size_bytes": None if converted is None else converted.stat().st_size}
+    return report
+
+
+def torch_reference_rows(models: Mapping[str, Any], inputs_by_batch: Mapping[int, np.ndarray],
+                         threads_list: Sequence[int], warmup: int, iterations: int,
+                         chunk: int = 10) -> list[dict[str, Any]]:
+    """PyTorch eager latency (inference_mode, torch.set_num_threads) on the same inputs as ONNX Runtime.
+
+    Same protocol as interleaved_benchmark: warm-up apart, then models alternate in chunks, so the
+    ORT-vs-eager comparison is not skewed by when each was measured.
+    """
+    import time
+
+    import torch
+
+    from edgekd.runtime.timing import summarize
+
+    previous = torch.get_num_threads()
+    rows: list[dict[str, Any]] = []
+    try:
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            for batch, array in inputs_by_batch.items():
+                x = torch.from_numpy(array)
+                samples: dict[str, list[float]] = {name: [] for name in models}
+                with torch.inference_mode():
+                    for model in models.values():
+                        for _ in range(max(warmup, 1)):
+                            model(x)
+                    while any(len(s) < iterations for s in samples.values()):
+                        for name, model in models.items():
+                            for _ in range(min(chunk, iterations - len(samples[name]))):
+                                start = time.perf_counter()
+                                model(x)
+                                samples[name].append(time.perf_counter() - start)
+                for name, values in samples.items():
+                    stats = summarize(values)
+                    rows.append({"name": name, "threads": threads, "batch": batch, "p50": stats.p50,
+                                 "p90": stats.p90, "p99": stats.p99, "mean": stats.mean,
+                                 "iterations": stats.iterations})
+    finally:
+        torch.set_num_threads(previous)
+    return rows
