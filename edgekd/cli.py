@@ -144,5 +144,37 @@ def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tup
         click.echo(f"wrote {json_out}", err=True)
 
 
+@main.command("arm-check")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--samples", type=click.IntRange(min=1), help="Check only the first N evaluation samples (default: all).")
+@click.option("--cpu", help="qemu CPU model to emulate, e.g. cortex-a72 (Raspberry Pi 4), cortex-a76 (default: qemu's max).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Cache for qemu, the arm64 sysroot and wheels (default: $EDGEKD_ARM_CACHE or ~/.cache/edgekd/arm64).")
+@click.option("--skip-unavailable", is_flag=True, help="Exit 0 with a message when emulation cannot be set up here.")
+@reports_errors
+def arm_check_command(run_dir: Path, samples: int | None, cpu: str | None, cache_dir: Path | None,
+                      skip_unavailable: bool) -> None:
+    """Run RUN_DIR's deploy bundle on aarch64 ONNX Runtime under qemu user-mode emulation and compare its
+    logits with x86 onnxruntime; writes RUN_DIR/arm_check.json (shown by `edgekd report`).
+
+    Correctness only: nothing timed under emulation is device speed. The first run downloads ~100 MB
+    (qemu, a Debian arm64 Python, aarch64 numpy/onnxruntime wheels) into the cache; no root needed.
+    Exits 0 when aarch64 agrees with x86, 1 when it does not (or the bundle's run_on_device.py fails under
+    emulation), 2 on bad input, 3 when emulation cannot be set up here (0 with --skip-unavailable).
+    """
+    from edgekd.armcheck import ArmUnavailable, arm_check, summary
+
+    try:
+        result = arm_check(run_dir, cache_dir=cache_dir, samples=samples, cpu=cpu)
+    except ArmUnavailable as exc:
+        if not skip_unavailable:
+            raise
+        click.echo(f"arm-check skipped: {exc.reason}", err=True)
+        return
+    click.echo(summary(result))
+    if result["status"] != "passed":
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
