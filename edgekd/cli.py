@@ -1,7 +1,8 @@
 """The `edgekd` command line (click). Heavy modules are imported inside commands, so `edgekd bench` and
 `edgekd check` never import torch.
 
-Exit codes: 0 ok · 1 budgets breached / regression · 2 bad input · 3 a stage failed at run time.
+Exit codes: 0 ok · 1 budgets breached / regression · 2 bad input · 3 a stage failed at run time ·
+4 `compare` inconclusive (measurement noise larger than the threshold).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
 
         write_junit_for_report(outcome.run_dir / "report.json", junit)
     if not outcome.budgets_passed:
+        report = outcome.manifest.get("stages", {}).get("report", {}).get("metrics", {})
+        for budget in report.get("budgets", []):
+            if not budget.get("passed"):
+                click.echo(f"budget breached: {budget.get('message')}", err=True)
         sys.exit(1)
 
 
@@ -142,6 +147,133 @@ def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tup
 
         atomic.write_json(json_out, result)
         click.echo(f"wrote {json_out}", err=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports, budgets and comparisons (torch-free: check and compare run on a bare CI runner)
+
+_BUDGET_FLAGS = ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "size_kb", "min_accuracy", "max_accuracy_drop",
+                 "min_speedup")
+
+
+def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for name in reversed(_BUDGET_FLAGS):
+        command = click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
+                               help=f"Budget {name} (overrides the report's / the file's).")(command)
+    return command
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--merge", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A device.json written by run_on_device.py, merged into the report (repeatable; kept in RUN_DIR/devices/).")
+@reports_errors
+def report(run_dir: Path, merge: tuple[Path, ...]) -> None:
+    """Re-render RUN_DIR's report (report.json/.md/.html, plots, deploy/) from its manifest; nothing is rerun.
+
+    Exits 0 when every budget is met, 1 when one is breached, 2 on bad input.
+    """
+    from edgekd.budgets import verdict_lines
+    from edgekd.report.render import render_run_dir
+
+    result = render_run_dir(run_dir, list(merge))
+    for line in verdict_lines(result["budgets"]):
+        click.echo(line)
+    deployed = result["deployed"]
+    click.echo(f"deployed: {deployed['artifact']} -> {run_dir / deployed['path']} ({deployed.get('rule') or deployed['reason']})")
+    click.echo(f"wrote {run_dir / 'report.md'}" + (f" and {run_dir / 'report.html'}" if (run_dir / "report.html").exists() else ""))
+    if not result["budgets_passed"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("report_json", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--budgets", "budgets_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Budgets file (JSON/YAML mapping, or a pipeline.yaml): replaces the budgets stored in the report.")
+@_budget_options
+@click.option("--threads", "latency_threads", type=int, help="Thread count at which latency budgets apply.")
+@click.option("--batch", "latency_batch", type=int, help="Batch size at which latency budgets apply.")
+@click.option("--artifact", help="Check this artifact instead of the deployed one.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the verdicts as JUnit XML.")
+@reports_errors
+def check(report_json: Path, budgets_file: Path | None, artifact: str | None, junit: Path | None, **flags: Any) -> None:
+    """Re-evaluate budgets on an existing REPORT_JSON (nothing is measured again).
+
+    Budgets: the report's own, replaced by --budgets FILE, then overridden by the flags.
+    Exits 0 when every budget is met, 1 when one is breached, 2 on bad input.
+    """
+    from edgekd.budgets import budgets_of_report, evaluate_report, load_budgets_file, load_report, normalize_budgets, verdict_lines
+
+    data = load_report(report_json)
+    budgets = load_budgets_file(budgets_file) if budgets_file else budgets_of_report(data)
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    budgets = normalize_budgets({**budgets, **overrides}, "budgets")
+    verdicts = evaluate_report(data, budgets, artifact)
+    if junit is not None:
+        from edgekd.report.junit import budget_cases, write_junit
+
+        write_junit(junit, "edgekd.check", budget_cases(verdicts, "edgekd.check"))
+    if not verdicts:
+        click.echo("no budgets set: nothing to check")
+    for line in verdict_lines(verdicts):
+        click.echo(line)
+    if not all(v["passed"] for v in verdicts):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("new", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--max-latency-regression", default="10%", show_default=True, help="Largest accepted slowdown (10% or 0.1).")
+@click.option("--max-accuracy-drop", default=None, help="Largest accepted accuracy drop (0.005 or 0.5%).")
+@click.option("--max-size-increase", default=None, help="Largest accepted file-size growth (5% or 0.05).")
+@click.option("--latency-mode", type=click.Choice(["auto", "absolute", "relative"]), default="auto", show_default=True,
+              help="absolute ms, or relative to the teacher of the same run (robust to slower/noisier runners); "
+                   "auto = absolute on the same environment, relative otherwise.")
+@click.option("--percentile", type=click.Choice(["p50", "p90", "p99"]), default="p50", show_default=True)
+@click.option("--allow-env-mismatch", is_flag=True, help="Gate absolute latency even when the environments differ.")
+@click.option("--all-artifacts", is_flag=True, help="Gate every artifact, not only the deployed one.")
+@click.option("--noise-floor", default="0%", show_default=True,
+              help="Assume at least this much run-to-run noise (e.g. 5% on shared CI runners).")
+@click.option("--threads", type=int, help="Thread count compared (default: the budget's).")
+@click.option("--batch", type=int, help="Batch size compared (default: the budget's).")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the verdicts as JUnit XML.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the comparison as JSON.")
+@reports_errors
+def compare(base: Path, new: Path, max_latency_regression: str, max_accuracy_drop: str | None,
+            max_size_increase: str | None, latency_mode: str, percentile: str, allow_env_mismatch: bool,
+            all_artifacts: bool, noise_floor: str, threads: int | None, batch: int | None, junit: Path | None,
+            json_out: Path | None) -> None:
+    """Compare NEW report.json with BASE: latency, accuracy and size of the deployed artifact.
+
+    Exits 0 when nothing regressed, 1 on a regression, 4 when inconclusive (the measurements' noise is
+    larger than the threshold: rerun on a quieter machine or with more iterations), 2 on bad input.
+    """
+    from edgekd.budgets import compare_reports, load_report
+    from edgekd.report.compare import format_comparison, parse_fraction
+
+    result = compare_reports(
+        load_report(base), load_report(new), max_latency_regression=parse_fraction(max_latency_regression, "--max-latency-regression"),
+        max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop"),
+        max_size_increase=parse_fraction(max_size_increase, "--max-size-increase"), latency_mode=latency_mode,
+        percentile=percentile, allow_env_mismatch=allow_env_mismatch, threads=threads, batch=batch,
+        all_artifacts=all_artifacts, noise_floor=parse_fraction(noise_floor, "--noise-floor") or 0.0)
+    for warning in result["warnings"]:
+        click.echo(("!" * 78 + "\n" if warning.startswith("WARNING") else "") + warning, err=True)
+    click.echo(format_comparison(result))
+    if junit is not None:
+        from edgekd.report.junit import write_junit
+
+        status = {"ok": "passed", "regression": "failed", "inconclusive": "skipped"}
+        cases = [{"name": f"{r['artifact']} {r['metric']}", "classname": "edgekd.compare", "status": status[r["verdict"]],
+                  "message": f"base {r['base']} new {r['new']} change {r['change']} limit {r['threshold']} noise {r['noise']}"
+                  + (f" ({r['note']})" if r.get("note") else "")} for r in result["rows"] if r["gated"]]
+        write_junit(junit, "edgekd.compare", cases)
+    if json_out is not None:
+        from edgekd import atomic
+
+        atomic.write_json(json_out, result)
+    sys.exit(result["exit_code"])
 
 
 @main.command("arm-check")

@@ -1,0 +1,274 @@
+"""manifest.json -> the report.json document (pure: no files written, no clock read except `created_at`).
+
+Everything comes from the stages' metrics in the manifest (plus optional arm_check.json and merged device
+files in the run directory), so `edgekd report RUN_DIR` re-renders the same document without rerunning.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from edgekd import __version__
+from edgekd.budgets import (
+    REPORT_SCHEMA_VERSION,
+    active_limits,
+    choose_artifact,
+    evaluate_row,
+    find_row,
+    latency_at,
+)
+from edgekd.errors import InputError
+
+# A pruned / int8 model less than this much faster than its source is flagged: the difference is within
+# what timing noise alone produces between two runs of the same model.
+NO_SPEEDUP_TOLERANCE = 0.02
+ARM_LABEL = "emulated — correctness only, no latency"
+
+
+def _metrics(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
+    return ((manifest.get("stages") or {}).get(stage) or {}).get("metrics") or {}
+
+
+def _round(value: Any, digits: int = 6) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def _p50(row: dict[str, Any] | None, threads: int, batch: int) -> float | None:
+    entry = latency_at(row, threads, batch)
+    value = entry.get("p50") if entry else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _artifact_hashes(manifest: dict[str, Any]) -> dict[str, str]:
+    hashes: dict[str, str] = {}
+    for entry in (manifest.get("stages") or {}).values():
+        hashes.update((entry or {}).get("artifacts") or {})
+    return hashes
+
+
+def _rows(bench: dict[str, Any], manifest: dict[str, Any], threads: int, batch: int) -> list[dict[str, Any]]:
+    """Benchmark rows, plus speed-up vs the teacher per setting and the model file's sha256."""
+    rows = copy.deepcopy(bench.get("artifacts") or [])
+    if not rows:
+        raise InputError("manifest: the benchmark stage has no artifact rows; rerun `edgekd run --from benchmark`")
+    if any(not isinstance(row, dict) or not isinstance(row.get("name"), str) for row in rows):
+        raise InputError("manifest: a benchmark row has no 'name'")
+    hashes = _artifact_hashes(manifest)
+    teacher = find_row(rows, "teacher")
+    for row in rows:
+        for entry in row.get("latency_ms") or []:
+            base = _p50(teacher, entry.get("threads"), entry.get("batch"))
+            mine = entry.get("p50")
+            entry["speedup_vs_teacher"] = round(base / mine, 4) if base and mine else None
+        base, mine = _p50(teacher, threads, batch), _p50(row, threads, batch)
+        row["speedup_vs_teacher"] = round(base / mine, 4) if base and mine else None
+        if row.get("path") and "sha256" not in row and row["path"] in hashes:
+            row["sha256"] = hashes[row["path"]]  # lets merged device results find their artifact
+    return rows
+
+
+def _not_deployable(quant: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
+    if not quant or quant.get("deployable", True):
+        return {}
+    reason = f"int8 fallback ({quant.get('fallback_reason') or 'accuracy drop over quantize.max_accuracy_drop'})"
+    names = {quant.get("artifact_name")} | {r["name"] for r in rows if r.get("kind") == "int8"}
+    return {name: reason for name in names if name}
+
+
+def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, Any], distill: dict[str, Any],
+           threads: int, batch: int) -> list[dict[str, Any]]:
+    """Compression that did nothing (no smaller / no faster than its source), int8 fallback, no KD gain."""
+    flags: list[dict[str, Any]] = []
+    checks = []
+    if prune and find_row(rows, "pruned"):
+        checks.append(("pruned", prune.get("source") or "student", "pruning"))
+    if quant:
+        name = quant.get("artifact_name") or next((r["name"] for r in rows if r.get("kind") == "int8"), None)
+        source = quant.get("source")
+        if name and source and find_row(rows, name):
+            checks.append((name, source, "quantization"))
+    for name, source, what in checks:
+        row, src = find_row(rows, name), find_row(rows, source)
+        if src is None:
+            continue
+        size, src_size = row.get("size_bytes"), src.get("size_bytes")
+        if isinstance(size, (int, float)) and isinstance(src_size, (int, float)) and size >= src_size:
+            flags.append({"kind": "no_size_gain", "artifact": name, "source": source, "message":
+                          f"{what} did nothing for size: {name} is {size / 1024:.1f} KiB, {source} {src_size / 1024:.1f} KiB"})
+        p50, src_p50 = _p50(row, threads, batch), _p50(src, threads, batch)
+        if p50 and src_p50 and p50 >= src_p50 * (1 - NO_SPEEDUP_TOLERANCE):
+            flags.append({"kind": "no_speed_gain", "artifact": name, "source": source, "message":
+                          f"{what} did nothing for speed: {name} p50 {p50:.3f} ms vs {source} {src_p50:.3f} ms "
+                          f"at {threads} thread(s), batch {batch} ({src_p50 / p50:.2f}x; under "
+                          f"{1 / (1 - NO_SPEEDUP_TOLERANCE):.2f}x is within timing noise)"})
+    if quant and not quant.get("deployable", True):
+        flags.append({"kind": "int8_fallback", "artifact": quant.get("artifact_name"), "source": quant.get("source"),
+                      "message": f"int8 not deployable: {quant.get('fallback_reason') or 'accuracy drop too large'}; "
+                                 f"the fp32 {quant.get('source')} model stays the candidate"})
+    gain = distill.get("kd_gain") if distill else None
+    if isinstance(gain, (int, float)) and gain <= 0:
+        flags.append({"kind": "no_kd_gain", "artifact": "student", "source": "student_baseline",
+                      "message": f"distillation did not beat the no-KD baseline (kd_gain {gain:+.4f})"})
+    return flags
+
+
+def _environment(bench: dict[str, Any], budgets: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    env = copy.deepcopy(bench.get("environment") or {})
+    # The provider the sessions actually used (a row's `providers`), not the first one onnxruntime offers
+    # (`providers` in cpu_info() is get_available_providers(), which may start with e.g. Azure).
+    used = next((r["providers"][0] for r in rows if r.get("providers")), None)
+    if used and not env.get("execution_provider"):
+        env["execution_provider"] = used
+    flags = env.get("flags")
+    if isinstance(flags, dict):  # cpu_info() form {flag: True/False/None} -> the enabled names too
+        env["flags_enabled"] = sorted(name for name, on in flags.items() if on)
+    elif isinstance(flags, list):
+        env["flags_enabled"] = sorted(str(f) for f in flags)
+    providers = env.get("providers") or []
+    if not env.get("execution_provider"):
+        cpu = "CPUExecutionProvider"
+        env["execution_provider"] = cpu if cpu in providers or not providers else providers[0]
+    env.setdefault("threads", budgets["latency_threads"])
+    if not env.get("fingerprint"):
+        from edgekd.runtime.cpu import environment_fingerprint
+
+        env["fingerprint"] = environment_fingerprint(env)
+    return env
+
+
+def _sections(manifest: dict[str, Any]) -> dict[str, Any]:
+    teacher, distill = _metrics(manifest, "teacher"), _metrics(manifest, "distill")
+    prune, quant, export = _metrics(manifest, "prune"), _metrics(manifest, "quantize"), _metrics(manifest, "export")
+    data = teacher.get("data") or {}
+    out: dict[str, Any] = {
+        "data": {k: data.get(k) for k in ("dataset", "num_classes", "input_shape", "split_sizes")},
+        "teacher": {"model": teacher.get("model"), "params": teacher.get("params"),
+                    "val_accuracy": teacher.get("val_accuracy"), "test_accuracy": teacher.get("test_accuracy")},
+        "distill": None, "pruning": None, "quantization": None, "export": None,
+    }
+    if distill:
+        out["distill"] = {
+            "student_accuracy": distill.get("student_test_accuracy"),
+            "baseline_accuracy": distill.get("baseline_test_accuracy"),
+            "kd_gain": distill.get("kd_gain"), "teacher_accuracy": distill.get("teacher_test_accuracy"),
+            "student_params": distill.get("student_params"), "teacher_params": distill.get("teacher_params"),
+            "student_agreement": distill.get("student_test_agreement"),
+        }
+    if prune:
+        keys = ("source", "importance", "target", "params_before", "params_after", "macs_before", "macs_after",
+                "accuracy_before_prune", "accuracy_after_prune", "accuracy_after_recovery", "test_accuracy")
+        out["pruning"] = {k: prune.get(k) for k in keys}
+        if prune.get("params_before") and prune.get("params_after") is not None:
+            out["pruning"]["params_kept"] = round(prune["params_after"] / prune["params_before"], 4)
+        if prune.get("macs_before") and prune.get("macs_after") is not None:
+            out["pruning"]["macs_kept"] = round(prune["macs_after"] / prune["macs_before"], 4)
+    if quant:
+        keys = ("source", "artifact_name", "chosen", "accuracy_drop", "agreement", "speedup_vs_fp32",
+                "deployable", "fallback_reason", "attempts")
+        out["quantization"] = {k: quant.get(k) for k in keys}
+    if export:
+        models = export.get("models") or {}
+        out["export"] = {"models": {name: {k: m.get(k) for k in ("path", "opset_written", "ort_path", "size_bytes")}
+                                    | {"parity": m.get("parity")} for name, m in models.items()}}
+    return out
+
+
+def _arm_check(run_dir: Path) -> dict[str, Any] | None:
+    """arm_check.json, read generically (another tool writes it): agreement, max |diff|, ORT version."""
+    path = run_dir / "arm_check.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return {"label": ARM_LABEL, "status": "unreadable", "reason": f"arm_check.json: {exc}"}
+    if not isinstance(doc, dict):
+        return {"label": ARM_LABEL, "status": "unreadable", "reason": "arm_check.json is not a JSON object"}
+    comparison = doc.get("comparison") if isinstance(doc.get("comparison"), dict) else {}
+    emulator = doc.get("emulator") if isinstance(doc.get("emulator"), dict) else {}
+    pick = lambda key: doc.get(key, comparison.get(key))  # noqa: E731
+    return {
+        "label": ARM_LABEL, "status": doc.get("status"), "reason": doc.get("reason"),
+        "agreement": pick("agreement"), "max_abs_diff": pick("max_abs_diff"), "samples": pick("samples"),
+        "arm_accuracy": pick("arm_accuracy"), "x86_accuracy": pick("x86_accuracy"),
+        "onnxruntime_version": doc.get("onnxruntime_version") or emulator.get("onnxruntime") or doc.get("onnxruntime"),
+        "cpu": emulator.get("cpu"), "precision": (doc.get("model") or {}).get("precision")
+        if isinstance(doc.get("model"), dict) else None,
+    }
+
+
+def _merge_devices(report: dict[str, Any], run_dir: Path, notes: list[str]) -> dict[str, Any]:
+    """Device results kept in RUN_DIR/devices/*.json (added by `edgekd report --merge`) go into `devices`."""
+    files = sorted((run_dir / "devices").glob("*.json")) if (run_dir / "devices").is_dir() else []
+    if not files:
+        return report
+    try:
+        from edgekd.runtime.device_report import merge_device_json
+    except ImportError:
+        notes.append("device results not merged: this edgekd has no edgekd.runtime.device_report")
+        return report
+    for path in files:
+        try:
+            report = merge_device_json(report, json.loads(path.read_text(encoding="utf-8")))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the report
+            notes.append(f"device results {path.name} not merged: {exc}")
+    return report
+
+
+def build_report(manifest: dict[str, Any], run_dir: Path, budgets: dict[str, Any], *,
+                 run_name: str | None = None, created_at: str | None = None) -> dict[str, Any]:
+    """The report.json document. `budgets` is normalized (edgekd.budgets.normalize_budgets)."""
+    run_dir = Path(run_dir)
+    bench = _metrics(manifest, "benchmark")
+    if not bench:
+        raise InputError(f"{run_dir}: no benchmark results in the manifest; run the pipeline through `benchmark` first")
+    threads, batch = budgets["latency_threads"], budgets["latency_batch"]
+    rows = _rows(bench, manifest, threads, batch)
+    quant, prune = _metrics(manifest, "quantize"), _metrics(manifest, "prune")
+    sections = _sections(manifest)
+    not_deployable = _not_deployable(quant, rows)
+    for row in rows:
+        row["deployable"] = row["name"] not in not_deployable
+    choice, candidates = choose_artifact(rows, budgets, not_deployable)
+    deployed_row = find_row(rows, choice["artifact"])
+    verdicts = evaluate_row(deployed_row, find_row(rows, "teacher"), budgets)
+    notes: list[str] = []
+    report: dict[str, Any] = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "edgekd_version": __version__,
+        "created_at": created_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": {"name": run_name or run_dir.name},
+        "environment": _environment(bench, budgets, rows),
+        **{k: sections[k] for k in ("data", "teacher")},
+        "artifacts": rows,
+        **{k: sections[k] for k in ("distill", "pruning", "quantization", "export")},
+        "budget_settings": {**{k: budgets[k] for k in ("latency_threads", "latency_batch")}, **active_limits(budgets)},
+        "budgets": verdicts,
+        "budgets_passed": all(v["passed"] for v in verdicts),
+        "candidates": candidates,
+        "deployed": {"artifact": choice["artifact"], "path": "deploy/model.onnx", "source_path": deployed_row.get("path"),
+                     "kind": deployed_row.get("kind"), "reason": choice["reason"], "rule": choice["rule"],
+                     "budgets_passed": all(v["passed"] for v in verdicts), "files": []},
+        "flags": _flags(rows, prune, quant, _metrics(manifest, "distill"), threads, batch),
+        "torch_reference": copy.deepcopy(bench.get("torch_reference")),
+        "mobile": copy.deepcopy(bench.get("mobile")),
+        "arm_check": _arm_check(run_dir),
+        "devices": [],
+        "notes": notes,
+    }
+    report = _merge_devices(report, run_dir, notes)
+    report["notes"] = notes
+    return report
+
+
+def strip_volatile(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its timestamps (what 'same report' means for a re-render)."""
+    clean = copy.deepcopy(report)
+    clean.pop("created_at", None)
+    for device in clean.get("devices") or []:
+        device.pop("created_at", None)
+    return clean

@@ -1,0 +1,160 @@
+"""The report's plots, drawn from report.json alone with matplotlib's Agg canvas (no display, no pyplot
+global state, so it is safe inside the pipeline and in tests)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from edgekd.budgets import find_row, latency_at
+
+PLOTS = {
+    "accuracy_vs_latency": "Accuracy vs p50 latency",
+    "size": "Model file size",
+    "latency_distribution": "Latency distribution",
+}
+COLORS = {"teacher": "#d62728", "student": "#1f77b4", "student_baseline": "#7f7f7f", "pruned": "#2ca02c",
+          "int8": "#9467bd", "int8_dynamic": "#8c564b"}
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: stable bytes
+    return buffer.getvalue()
+
+
+def _color(name: str) -> str:
+    return COLORS.get(name, "#17becf")
+
+
+def _setting(report: dict[str, Any]) -> tuple[int, int]:
+    settings = report.get("budget_settings") or {}
+    return settings.get("latency_threads", 1), settings.get("latency_batch", 1)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by another one that is both faster (lower x) and at least as accurate (higher y)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def accuracy_vs_latency(report: dict[str, Any]) -> bytes:
+    threads, batch = _setting(report)
+    figure = _figure()
+    axes = figure.add_subplot()
+    points = []
+    for row in report["artifacts"]:
+        entry = latency_at(row, threads, batch)
+        if not entry or not isinstance(row.get("accuracy"), (int, float)):
+            continue
+        x, y = entry["p50"], row["accuracy"]
+        points.append((x, y))
+        teacher = row["name"] == "teacher"
+        axes.scatter([x], [y], s=160 if teacher else 60, marker="*" if teacher else "o", color=_color(row["name"]),
+                     zorder=3, label=row["name"] + (" (reference)" if teacher else ""))
+        axes.annotate(row["name"], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    deployed = find_row(report, (report.get("deployed") or {}).get("artifact", ""))
+    entry = latency_at(deployed, threads, batch)
+    if entry and isinstance(deployed.get("accuracy"), (int, float)):
+        axes.scatter([entry["p50"]], [deployed["accuracy"]], s=320, facecolors="none", edgecolors="black",
+                     linewidths=1.5, zorder=4, label="deployed")
+    front = pareto_front(points)
+    if len(front) > 1:
+        axes.plot([p[0] for p in front], [p[1] for p in front], "--", color="black", linewidth=1, alpha=0.6,
+                  drawstyle="steps-post", zorder=2, label="Pareto front")
+    settings = report.get("budget_settings") or {}
+    if settings.get("latency_p50_ms"):
+        axes.axvline(settings["latency_p50_ms"], color="#ff7f0e", linestyle=":", label="p50 budget")
+    if settings.get("min_accuracy") is not None:
+        axes.axhline(settings["min_accuracy"], color="#ff7f0e", linestyle="-.", label="min accuracy")
+    axes.margins(x=0.15, y=0.12)  # room for the point labels
+    axes.set_xlabel(f"p50 latency (ms), {threads} thread(s), batch {batch}")
+    axes.set_ylabel("test accuracy")
+    axes.set_title("Accuracy vs latency (up and left is better)")
+    axes.grid(True, alpha=0.3)
+    if points:
+        axes.legend(fontsize=7, loc="best")
+    else:
+        axes.text(0.5, 0.5, "no latency measured at this setting", ha="center", transform=axes.transAxes)
+    return _png(figure)
+
+
+def size(report: dict[str, Any]) -> bytes:
+    rows = [r for r in report["artifacts"] if isinstance(r.get("size_bytes"), (int, float))]
+    figure = _figure(6.4, 0.5 + 0.45 * max(len(rows), 2))
+    axes = figure.add_subplot()
+    names = [r["name"] for r in rows]
+    kib = [r["size_bytes"] / 1024 for r in rows]
+    bars = axes.barh(names, kib, color=[_color(n) for n in names])
+    axes.bar_label(bars, labels=[f"{v:,.1f} KiB" for v in kib], fontsize=8, padding=3)
+    limit = (report.get("budget_settings") or {}).get("size_kb")
+    if limit:
+        axes.axvline(limit, color="#ff7f0e", linestyle=":", label=f"size budget {limit:g} KiB")
+        axes.legend(fontsize=7, loc="lower right")
+    axes.invert_yaxis()
+    axes.set_xlabel("file size (KiB)")
+    axes.set_title("Model file size per artifact")
+    axes.set_xlim(0, max(kib + [limit or 0, 1]) * 1.25)
+    axes.grid(True, axis="x", alpha=0.3)
+    return _png(figure)
+
+
+def latency_distribution(report: dict[str, Any]) -> bytes:
+    threads, batch = _setting(report)
+    figure = _figure()
+    axes = figure.add_subplot()
+    names, data, sampled_batch = [], [], 1
+    for row in report["artifacts"]:
+        samples = [s for s in row.get("latency_samples_ms") or [] if isinstance(s, (int, float))]
+        if samples:
+            names.append(row["name"])
+            data.append(samples)
+            sampled_batch = (row.get("latency_samples_setting") or {}).get("batch", sampled_batch)
+    if data:
+        import matplotlib
+
+        # `orientation` replaced `vert` in matplotlib 3.10 (vert is deprecated from 3.11).
+        new_api = tuple(int(p) for p in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+        direction = {"orientation": "horizontal"} if new_api else {"vert": False}
+        parts = axes.boxplot(data, **direction, whis=(1, 99), showfliers=True, patch_artist=True,
+                             flierprops={"markersize": 2, "alpha": 0.4})
+        axes.set_yticks(range(1, len(names) + 1), names)
+        for patch, name in zip(parts["boxes"], names):
+            patch.set_facecolor(_color(name))
+            patch.set_alpha(0.5)
+        axes.set_title(f"Latency per run, batch {sampled_batch}, {threads} thread(s)")
+        axes.text(1.0, -0.16, "box: p25-p75, line: p50, whiskers: p1-p99", transform=axes.transAxes, ha="right",
+                  fontsize=7, color="#59636e")
+    else:  # no raw samples: show p50 / p90 / p99 markers per artifact
+        rows = [(r["name"], latency_at(r, threads, batch)) for r in report["artifacts"]]
+        rows = [(n, e) for n, e in rows if e]
+        for index, (name, entry) in enumerate(rows):
+            for key, marker in (("p50", "o"), ("p90", "s"), ("p99", "^")):
+                if entry.get(key) is not None:
+                    axes.scatter([entry[key]], [index], marker=marker, color=_color(name),
+                                 label=key if index == 0 else None)
+        axes.set_yticks(range(len(rows)), [n for n, _ in rows])
+        axes.legend(fontsize=7)
+        axes.set_title(f"Latency percentiles, batch {batch}, {threads} thread(s)")
+    axes.invert_yaxis()
+    axes.set_xlabel("latency (ms)")
+    axes.grid(True, axis="x", alpha=0.3)
+    return _png(figure)
+
+
+def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
+    """{plot name: PNG bytes}; names as in PLOTS (files plots/<name>.png)."""
+    return {"accuracy_vs_latency": accuracy_vs_latency(report), "size": size(report),
+            "latency_distribution": latency_distribution(report)}

@@ -1,0 +1,152 @@
+"""Write a run's report files (report.json/.md/.html, plots/*.png, deploy/) from its manifest.
+
+Used by the report stage and by `edgekd report RUN_DIR` (re-render, optionally merging device results).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgekd import atomic
+from edgekd.budgets import normalize_budgets, verdict_lines
+from edgekd.errors import InputError
+from edgekd.report.build import build_report
+from edgekd.report.deploy import write_deploy_bundle
+from edgekd.report.plots import PLOTS
+
+log = logging.getLogger("edgekd")
+DEVICES_DIR = "devices"
+
+
+def write_report(manifest: dict[str, Any], run_dir: Path, budgets: dict[str, Any], *, html: bool = True,
+                 plots: bool = True, run_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Build and write everything; returns (report, files written relative to run_dir).
+
+    report.json is written last, so its presence means the rest of the report is there too.
+    """
+    run_dir = Path(run_dir)
+    report = build_report(manifest, run_dir, budgets, run_name=run_name)
+    files, notes = write_deploy_bundle(report, manifest, run_dir)
+    report["deployed"]["files"] = files
+    report["notes"] = report.get("notes", []) + notes
+    images: dict[str, bytes] = {}
+    if plots:
+        from edgekd.report.plots import render_plots
+
+        images = render_plots(report)
+    for name in PLOTS:  # drop plots of an earlier render that are not drawn now
+        if name not in images:
+            (run_dir / "plots" / f"{name}.png").unlink(missing_ok=True)
+    for name, png in images.items():
+        atomic.write_bytes(run_dir / "plots" / f"{name}.png", png)
+        files.append(f"plots/{name}.png")
+    from edgekd.report.markdown import render_markdown
+
+    atomic.write_text(run_dir / "report.md", render_markdown(report, list(images)))
+    files.append("report.md")
+    if html:
+        from edgekd.report.html import render_html
+
+        atomic.write_text(run_dir / "report.html", render_html(report, images))
+        files.append("report.html")
+    else:
+        (run_dir / "report.html").unlink(missing_ok=True)
+    atomic.write_json(run_dir / "report.json", report)
+    files.append("report.json")
+    return report, files
+
+
+def stage_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """What the report stage records in the manifest (RunOutcome.budgets_passed reads budgets_passed)."""
+    deployed = report["deployed"]
+    return {"budgets_passed": bool(report["budgets_passed"]),
+            "deployed": {k: deployed[k] for k in ("artifact", "path", "reason")},
+            "budgets": report["budgets"], "flags": report["flags"]}
+
+
+def log_verdicts(report: dict[str, Any]) -> None:
+    """The console lines: each budget's verdict (failures first, with by how much), then the choice."""
+    deployed = report["deployed"]
+    settings = report.get("budget_settings") or {}
+    if report["budgets"]:
+        log.info("  budgets of %s (latency at %s thread(s), batch %s):", deployed["artifact"],
+                 settings.get("latency_threads", 1), settings.get("latency_batch", 1))
+        for line in verdict_lines(report["budgets"]):
+            log.info("    %s", line)
+    else:
+        log.info("  no budgets set")
+    # The rule only: the misses were just printed as FAIL lines.
+    log.info("  deployed: %s -> %s (%s)", deployed["artifact"], deployed["path"], deployed.get("rule") or deployed["reason"])
+    for flag in report.get("flags") or []:
+        log.warning("  warning: %s", flag["message"])
+    for candidate in report.get("candidates") or []:
+        if candidate["eligible"] and candidate["misses"] and not report["budgets_passed"]:
+            log.info("    candidate %s misses: %s", candidate["artifact"],
+                     "; ".join(m["message"] for m in candidate["misses"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-render from a run directory (`edgekd report RUN_DIR [--merge device.json]`)
+
+
+def _settings_of_run(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The report stage's config as recorded in the manifest; else config.yaml's; else defaults."""
+    entry = (manifest.get("stages") or {}).get("report") or {}
+    if isinstance(entry.get("config"), dict):
+        return entry["config"]
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        from edgekd.yamlio import load_yaml_file
+
+        raw = load_yaml_file(config) or {}
+        return {"name": raw.get("name"), "budgets": raw.get("budgets") or {}, "report": raw.get("report") or {}}
+    return {}
+
+
+def add_device_file(run_dir: Path, device_json: Path) -> Path:
+    """Validate a device.json and keep it in RUN_DIR/devices/ (one file per board), so every later render,
+    including one by `edgekd run`, merges it."""
+    try:
+        from edgekd.runtime.device_report import load_device_json
+        from edgekd.runtime.errors import RuntimeInputError
+    except ImportError:
+        raise InputError("--merge: this edgekd has no device report support (edgekd.runtime.device_report)") from None
+    try:
+        device = load_device_json(device_json)
+    except RuntimeInputError as exc:
+        raise InputError(str(exc)) from None
+    key = device.get("fingerprint")
+    if not key:
+        from edgekd.runtime.cpu import environment_fingerprint
+
+        key = environment_fingerprint(device["device"])
+    target = run_dir / DEVICES_DIR / f"{key}.json"
+    atomic.write_text(target, json.dumps(device, indent=2) + "\n")
+    return target
+
+
+def render_run_dir(run_dir: Path, merge: list[Path] | None = None) -> dict[str, Any]:
+    """Re-render RUN_DIR's report from its manifest (nothing is rerun); returns the report."""
+    from edgekd.pipeline import MANIFEST, read_manifest, run_lock, write_manifest
+
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        raise InputError(f"{run_dir}: no {MANIFEST} (not an edgekd run directory?)")
+    with run_lock(run_dir):
+        manifest = read_manifest(run_dir)
+        for path in merge or []:
+            add_device_file(run_dir, Path(path))
+        settings = _settings_of_run(run_dir, manifest)
+        options = settings.get("report") or {}
+        budgets = normalize_budgets(settings.get("budgets"), "budgets")
+        report, files = write_report(manifest, run_dir, budgets, html=options.get("html", True),
+                                     plots=options.get("plots", True), run_name=settings.get("name"))
+        entry = (manifest.get("stages") or {}).get("report")
+        if entry:  # keep the manifest true, so the next `edgekd run` sees an intact, up-to-date report
+            entry["artifacts"] = {name: atomic.sha256_file(run_dir / name) for name in files}
+            entry["metrics"] = stage_metrics(report)
+            write_manifest(run_dir, manifest)
+    return report

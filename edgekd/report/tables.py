@@ -1,0 +1,215 @@
+"""report.json -> titled tables of display strings, shared by the Markdown and HTML renderers (one place
+decides what the report shows; the renderers only decide how)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgekd.budgets import BUDGET_SPECS, latency_at
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    css: str = ""  # html class (e.g. "artifacts" lets the browser test count rows)
+    row_classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    title: str
+    key: str
+    text: list[str] = field(default_factory=list)
+    table: Table | None = None
+    bullets: list[str] = field(default_factory=list)
+
+
+def num(value: Any, fmt: str = "{:,}", none: str = "–") -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return none if value is None else str(value)
+    return fmt.format(value)
+
+
+def kib(value: Any) -> str:
+    return num(value / 1024 if isinstance(value, (int, float)) else None, "{:,.1f} KiB")
+
+
+def mib(value: Any) -> str:
+    return num(value / 2**20 if isinstance(value, (int, float)) else None, "{:,.1f} MiB")
+
+
+def ms(value: Any) -> str:
+    return num(value, "{:.3f}")
+
+
+def acc(value: Any) -> str:
+    return num(value, "{:.4f}")
+
+
+def setting(report: dict[str, Any]) -> tuple[int, int]:
+    s = report.get("budget_settings") or {}
+    return s.get("latency_threads", 1), s.get("latency_batch", 1)
+
+
+def limit_text(name: str, value: Any) -> str:
+    _, unit, fmt = BUDGET_SPECS[name]
+    text = num(value, fmt)
+    return f"{text} {unit}".strip() if unit != "x" else f"{text}x"
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+    budgets, deployed = report.get("budgets") or [], report.get("deployed") or {}
+    failed = [b for b in budgets if not b["passed"]]
+    if not budgets:
+        head = "No budgets set."
+    elif failed:
+        head = f"FAIL: {len(failed)} of {len(budgets)} budgets breached ({', '.join(b['name'] for b in failed)})."
+    else:
+        head = f"PASS: all {len(budgets)} budgets met."
+    return f"{head} Deployed: {deployed.get('artifact')} ({deployed.get('path')})."
+
+
+def budgets_table(report: dict[str, Any]) -> Table:
+    rows, classes = [], []
+    for b in report.get("budgets") or []:
+        rows.append([b["name"], limit_text(b["name"], b["limit"]),
+                     limit_text(b["name"], b["value"]) if b["value"] is not None else "not measured",
+                     "PASS" if b["passed"] else "FAIL", b["message"].split(": ", 1)[-1]])
+        classes.append("pass" if b["passed"] else "fail")
+    return Table(["Budget", "Limit", f"Value ({report['deployed']['artifact']})", "Verdict", "Detail"], rows,
+                 "budgets", classes)
+
+
+def artifacts_table(report: dict[str, Any]) -> Table:
+    threads, batch = setting(report)
+    deployed = (report.get("deployed") or {}).get("artifact")
+    rows, classes = [], []
+    for r in report["artifacts"]:
+        entry = latency_at(r, threads, batch) or {}
+        name = r["name"] + (" (deployed)" if r["name"] == deployed else "")
+        rows.append([name, str(r.get("kind", "")), num(r.get("params")), num(r.get("macs")), kib(r.get("size_bytes")),
+                     acc(r.get("accuracy")), acc(r.get("agreement")), ms(entry.get("p50")), ms(entry.get("p90")),
+                     ms(entry.get("p99")), num(r.get("speedup_vs_teacher"), "{:.2f}x"),
+                     num(r.get("throughput_ips"), "{:,.0f}"), mib(r.get("peak_memory_bytes"))])
+        classes.append("deployed" if r["name"] == deployed else "")
+    unit = f"ms @{threads}t b{batch}"
+    return Table(["Artifact", "Kind", "Params", "MACs", "Size", "Accuracy", "Agreement", f"p50 {unit}", f"p90 {unit}",
+                  f"p99 {unit}", "Speed-up vs teacher", "Throughput (img/s)", "Peak memory"], rows, "artifacts", classes)
+
+
+def latency_table(report: dict[str, Any]) -> Table:
+    rows = []
+    for r in report["artifacts"]:
+        for e in sorted(r.get("latency_ms") or [], key=lambda e: (e.get("threads", 0), e.get("batch", 0))):
+            rows.append([r["name"], num(e.get("threads")), num(e.get("batch")), ms(e.get("p50")), ms(e.get("p90")),
+                         ms(e.get("p99")), ms(e.get("mean")), num(e.get("throughput_ips"), "{:,.0f}"),
+                         num(e.get("speedup_vs_teacher"), "{:.2f}x")])
+    return Table(["Artifact", "Threads", "Batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "vs teacher"],
+                 rows, "latency")
+
+
+def candidates_table(report: dict[str, Any]) -> Table:
+    rows = []
+    for c in report.get("candidates") or []:
+        misses = "; ".join(m["message"] for m in c["misses"]) or "meets every budget"
+        status = "candidate" if c["eligible"] else (c.get("excluded_reason") or "not a candidate")
+        rows.append([c["artifact"], status, ms(c.get("p50_ms")), acc(c.get("accuracy")), misses])
+    return Table(["Artifact", "Candidate?", "p50 ms", "Accuracy", "Budgets missed (by how much)"], rows, "candidates")
+
+
+def _kv(pairs: list[tuple[str, str]], css: str) -> Table:
+    return Table(["", ""], [[k, v] for k, v in pairs if v not in ("", "–")], css)
+
+
+def environment_table(report: dict[str, Any]) -> Table:
+    env = report.get("environment") or {}
+    gflops = env.get("peak_gflops") or {}
+    return _kv([
+        ("CPU", str(env.get("cpu") or "unknown")), ("Architecture", str(env.get("arch") or "")),
+        ("Cores", f"{num(env.get('cores'))} (usable {num(env.get('usable_cores'))})"),
+        ("CPU flags", ", ".join(env.get("flags_enabled") or []) or "none detected"),
+        ("OS", str(env.get("os") or "")), ("Python", str(env.get("python") or "")),
+        ("torch", str(env.get("torch") or "")), ("onnxruntime", str(env.get("onnxruntime") or "")),
+        ("Execution provider", str(env.get("execution_provider") or "")),
+        ("Budget threads", str(env.get("threads") or "")),
+        ("Peak GFLOP/s", ", ".join(f"{t} thread(s): {num(v, '{:.1f}')}" for t, v in gflops.items())),
+        ("Fingerprint", str(env.get("fingerprint") or "")),
+    ], "environment")
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+    return "–" if value is None else str(value)
+
+
+def stage_sections(report: dict[str, Any]) -> list[Section]:
+    out = []
+    d = report.get("distill")
+    if d:
+        out.append(Section("Knowledge distillation", "distill", table=_kv([
+            ("Teacher test accuracy", acc(d.get("teacher_accuracy"))),
+            ("Student (KD) test accuracy", acc(d.get("student_accuracy"))),
+            ("Baseline (no KD) test accuracy", acc(d.get("baseline_accuracy"))),
+            ("KD gain vs baseline", num(d.get("kd_gain"), "{:+.4f}")),
+            ("Student agreement with teacher", acc(d.get("student_agreement"))),
+            ("Params teacher -> student", f"{num(d.get('teacher_params'))} -> {num(d.get('student_params'))}"),
+        ], "kv")))
+    p = report.get("pruning")
+    if p:
+        out.append(Section("Pruning", "pruning", table=_kv([
+            ("Source / importance / target", f"{p.get('source')} / {p.get('importance')} / {_plain(p.get('target'))}"),
+            ("Params", f"{num(p.get('params_before'))} -> {num(p.get('params_after'))} "
+                       f"({num(p.get('params_kept'), '{:.0%}')} kept)"),
+            ("MACs", f"{num(p.get('macs_before'))} -> {num(p.get('macs_after'))} ({num(p.get('macs_kept'), '{:.0%}')} kept)"),
+            ("Accuracy before / after pruning / after recovery",
+             f"{acc(p.get('accuracy_before_prune'))} / {acc(p.get('accuracy_after_prune'))} / "
+             f"{acc(p.get('accuracy_after_recovery'))}"),
+            ("Test accuracy", acc(p.get("test_accuracy"))),
+        ], "kv")))
+    q = report.get("quantization")
+    if q:
+        chosen = q.get("chosen")
+        chosen_text = _plain(chosen) if chosen else ""
+        out.append(Section("Quantization", "quantization", table=_kv([
+            ("Source -> artifact", f"{q.get('source')} -> {q.get('artifact_name')}"),
+            ("Chosen settings", chosen_text),
+            ("Attempts", str(len(q["attempts"])) if isinstance(q.get("attempts"), list) else ""),
+            ("Accuracy drop vs fp32", num(q.get("accuracy_drop"), "{:.4f}")),
+            ("Agreement with fp32", acc(q.get("agreement"))),
+            ("Speed-up vs fp32", num(q.get("speedup_vs_fp32"), "{:.2f}x")),
+            ("Deployable", "yes" if q.get("deployable", True) else f"no: {q.get('fallback_reason')}"),
+        ], "kv")))
+    return out
+
+
+def arm_section(report: dict[str, Any]) -> Section | None:
+    arm = report.get("arm_check")
+    if not arm:
+        return None
+    return Section("ARM (aarch64, emulated)", "arm", text=[f"{arm['label']}."], table=_kv([
+        ("Status", f"{arm.get('status')}" + (f" ({arm['reason']})" if arm.get("reason") else "")),
+        ("Top-1 agreement with x86", acc(arm.get("agreement"))),
+        ("Max abs logit difference", num(arm.get("max_abs_diff"), "{:.3g}")),
+        ("Accuracy aarch64 / x86", f"{acc(arm.get('arm_accuracy'))} / {acc(arm.get('x86_accuracy'))}"),
+        ("Samples", num(arm.get("samples"))),
+        ("onnxruntime (aarch64)", str(arm.get("onnxruntime_version") or "")),
+        ("Emulated CPU", str(arm.get("cpu") or "")),
+    ], "kv"))
+
+
+def devices_section(report: dict[str, Any]) -> Section | None:
+    rows = []
+    for device in report.get("devices") or []:
+        for r in device.get("artifacts") or []:
+            for e in r.get("latency_ms") or []:
+                rows.append([str(device.get("label")), str(r.get("artifact") or r.get("name")), num(e.get("threads")),
+                             num(e.get("batch")), ms(e.get("p50")), ms(e.get("p90")), ms(e.get("p99")),
+                             acc(r.get("accuracy")), mib(r.get("peak_memory_bytes"))])
+    if not rows:
+        return None
+    return Section("Measured on devices", "devices", text=["Merged with `edgekd report RUN_DIR --merge device.json`."],
+                   table=Table(["Device", "Artifact", "Threads", "Batch", "p50 ms", "p90 ms", "p99 ms", "Accuracy",
+                                "Peak memory"], rows, "devices"))
