@@ -139,9 +139,12 @@ def _hash_json(data: Any) -> str:
 
 
 def stage_fingerprint(module: Any, cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
-    inputs = {
-        dep: manifest.get("stages", {}).get(dep, {}).get("artifacts", {}) for dep in module.depends_on(cfg)
-    }
+    # Inputs are the dependencies' artifacts and their metrics (the benchmark stage hands its results on
+    # as metrics only, so a re-measured benchmark must re-render the report).
+    inputs = {}
+    for dep in module.depends_on(cfg):
+        entry = manifest.get("stages", {}).get(dep, {})
+        inputs[dep] = {"artifacts": entry.get("artifacts", {}), "metrics": _hash_json(entry.get("metrics", {}))}
     return _hash_json({"stage": module.NAME, "config": module.config_view(cfg), "inputs": inputs, "version": __version__})
 
 
