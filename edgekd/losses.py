@@ -1,10 +1,24 @@
-"""Training objectives. Each returns (total loss, dict of named parts) so CE and KD parts are logged apart."""
+"""Training objectives. Each returns (total loss, dict of named parts) so CE and KD parts are logged apart.
+
+`make_kd_objective` is the one place a KD objective is built from the config; the distill stage and the
+prune stage's recovery fine-tuning both use it.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # keep `import edgekd.losses` free of pydantic/data imports
+    from edgekd.config import PipelineConfig
+    from edgekd.data import DataBundle
+    from edgekd.hints import FeatureHint
+
+# Above this size the logit cache lives in host memory: it must never crowd out training on a GPU.
+CACHE_DEVICE_LIMIT_BYTES = 1 << 30
 
 
 def kd_loss(
@@ -13,14 +27,16 @@ def kd_loss(
     labels: torch.Tensor,
     temperature: float,
     alpha: float,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hinton et al.: alpha*CE(student, y) + (1-alpha)*T^2*KL(softmax(teacher/T) || softmax(student/T)).
 
     kl_div takes the student's log-probabilities as input and the teacher's probabilities as target;
     "batchmean" is the mathematically correct KL ("mean" would also divide by the number of classes).
-    T^2 keeps the soft-target gradients on the scale of the hard-label ones.
+    T^2 keeps the soft-target gradients on the scale of the hard-label ones. The returned "kd" part already
+    includes T^2 (it is what the total weighs with 1-alpha).
     """
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     soft_student = F.log_softmax(student_logits / temperature, dim=1)
     soft_teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
     kd = F.kl_div(soft_student, soft_teacher, reduction="batchmean") * temperature**2
@@ -33,6 +49,9 @@ class Objective:
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable tensors besides the model's own (e.g. hint adapters)."""
         return []
+
+    def close(self) -> None:
+        """Release hooks or caches once training is over (no-op by default)."""
 
     def __call__(
         self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, augmented: bool
@@ -52,10 +71,12 @@ class CrossEntropyObjective(Objective):
 class TeacherLogitCache:
     """Teacher logits per training-sample index, filled on first sight and reused on later epochs.
 
-    Valid only for un-augmented inputs: an augmented image is a different input for the teacher.
+    Valid only for un-augmented inputs of a frozen teacher: an augmented image is a different input, and
+    the caller (DistillationObjective) bypasses the cache for those. The teacher is in eval mode, so
+    running it on only the missing part of a batch gives the same logits as on the whole batch.
     """
 
-    def __init__(self, num_samples: int, num_classes: int, device: torch.device) -> None:
+    def __init__(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.logits = torch.zeros(num_samples, num_classes, device=device)
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
         self.hits = 0
@@ -64,17 +85,30 @@ class TeacherLogitCache:
     def get(self, teacher: nn.Module, inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         indices = indices.to(self.filled.device)
         missing = ~self.filled[indices]
-        if missing.any():
-            with torch.inference_mode():
-                self.logits[indices[missing]] = teacher(inputs[missing.to(inputs.device)]).float().to(self.logits.device)
+        count_missing = int(missing.sum())
+        if count_missing:
+            batch = inputs if count_missing == len(indices) else inputs[missing.to(inputs.device)]
+            with torch.no_grad():
+                fresh = teacher(batch).float()
+            self.logits[indices[missing]] = fresh.to(self.logits.device)
             self.filled[indices[missing]] = True
-        self.misses += int(missing.sum())
-        self.hits += int((~missing).sum())
+        self.misses += count_missing
+        self.hits += len(indices) - count_missing
         return self.logits[indices].to(inputs.device)
+
+    @property
+    def hit_rate(self) -> float | None:
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+    def stats(self) -> dict[str, Any]:
+        rate = self.hit_rate
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": None if rate is None else round(rate, 6)}
 
 
 class DistillationObjective(Objective):
-    """KD from a frozen teacher (eval mode, no gradients), optionally with cached teacher logits."""
+    """KD from a frozen teacher (eval mode, no gradients), optionally with cached teacher logits and a
+    FitNets feature hint (which needs the teacher's features, so it runs the teacher on every batch)."""
 
     def __init__(
         self,
@@ -82,13 +116,28 @@ class DistillationObjective(Objective):
         temperature: float,
         alpha: float,
         cache: TeacherLogitCache | None = None,
+        hint: FeatureHint | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature})")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] (got {alpha})")
         self.teacher = teacher.eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.temperature = temperature
         self.alpha = alpha
-        self.cache = cache
+        self.cache = None if hint is not None else cache  # cached logits would skip the forward the hint needs
+        self.hint = hint
+        self.label_smoothing = label_smoothing
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return self.hint.parameters() if self.hint is not None else []
+
+    def close(self) -> None:
+        if self.hint is not None:
+            self.hint.close()
 
     def teacher_logits(self, inputs: torch.Tensor, indices: torch.Tensor, augmented: bool) -> torch.Tensor:
         self.teacher.eval()  # the training loop's model.train() must never reach the teacher's BatchNorm
@@ -98,5 +147,45 @@ class DistillationObjective(Objective):
             return self.teacher(inputs).float()
 
     def __call__(self, model, inputs, labels, indices, augmented):  # noqa: ANN001, ANN204
-        teacher_logits = self.teacher_logits(inputs, indices, augmented)
-        return kd_loss(model(inputs).float(), teacher_logits, labels, self.temperature, self.alpha)
+        if self.hint is None:
+            teacher_logits = self.teacher_logits(inputs, indices, augmented)
+            return kd_loss(model(inputs).float(), teacher_logits, labels, self.temperature, self.alpha, self.label_smoothing)
+        with self.hint.capturing():
+            teacher_logits = self.teacher_logits(inputs, indices, augmented)
+            student_logits = model(inputs).float()
+        loss, parts = kd_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.label_smoothing)
+        hint = self.hint.loss()
+        parts["hint"] = hint
+        return loss + self.hint.weight * hint, parts
+
+
+def make_kd_objective(
+    cfg: PipelineConfig,
+    teacher: nn.Module,
+    data: DataBundle,
+    device: torch.device,
+    *,
+    augment: bool | None = None,
+    hint: FeatureHint | None = None,
+) -> DistillationObjective:
+    """The KD objective of this run: temperature, alpha, label smoothing and caching from `cfg.distill`
+    (its defaults when the distill stage is switched off).
+
+    `augment` is whether the training this objective serves augments its inputs (default
+    `cfg.distill.augment`; the prune stage passes `cfg.prune.finetune.augment`). The teacher-logit cache is
+    allocated only when it can be hit: augmentation off, `distill.cache_teacher_logits` on, and no hint.
+    One objective may serve several `fit` calls (e.g. iterative pruning steps): the cache stays valid as
+    long as the teacher and the training split do not change.
+    """
+    from edgekd.config import DistillConfig
+
+    settings = cfg.distill or DistillConfig()
+    augment = settings.augment if augment is None else augment
+    cache = None
+    if settings.cache_teacher_logits and not augment and hint is None:
+        num_samples, num_classes = len(data.train), data.meta.num_classes
+        on_device = num_samples * num_classes * 4 <= CACHE_DEVICE_LIMIT_BYTES
+        cache = TeacherLogitCache(num_samples, num_classes, device if on_device else "cpu")
+    return DistillationObjective(
+        teacher, settings.temperature, settings.alpha, cache=cache, hint=hint, label_smoothing=settings.label_smoothing
+    )

@@ -1,0 +1,127 @@
+"""Stage 2: distill the teacher into the student (Hinton KD, optional FitNets hint), and train the same
+student without KD from the same initial weights, schedule, seed and data, so the KD gain is measured."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from edgekd.config import PipelineConfig
+from edgekd.pipeline import RunContext, StageResult, log
+from edgekd.stages import build_model, data_view, load_artifact_model, section
+
+NAME = "distill"
+STUDENT = "student.pt"
+BASELINE = "student_baseline.pt"
+
+
+def enabled(cfg: PipelineConfig) -> bool:
+    return cfg.distill_enabled
+
+
+def depends_on(cfg: PipelineConfig) -> list[str]:
+    return ["teacher"]
+
+
+def config_view(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**data_view(cfg), "student": section(cfg.student), "distill": section(cfg.distill)}
+
+
+def check_sizes(student_params: int, teacher_params: int) -> bool:
+    """A student larger than its teacher is allowed (maybe on purpose), but almost always a config slip."""
+    if student_params > teacher_params:
+        log.warning(
+            "  warning: the student (%s params) is larger than the teacher (%s params); check student.model",
+            f"{student_params:,}", f"{teacher_params:,}",
+        )
+        return False
+    return True
+
+
+def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
+    from edgekd.hints import build_hint
+    from edgekd.losses import CrossEntropyObjective, make_kd_objective
+    from edgekd.models import count_parameters, model_meta
+    from edgekd.models.checkpoint import save_checkpoint
+    from edgekd.training import accuracy, agreement, fit, predict
+
+    assert cfg.distill is not None  # enabled() guarantees it
+    settings, data, device = cfg.distill, ctx.data, ctx.device
+    eval_batch = cfg.data.eval_batch_size
+
+    teacher = load_artifact_model(ctx, "teacher.pt")
+    student = build_model(ctx, cfg.student.model, cfg.student.model_kwargs, "student.model").to(device)
+    initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
+    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    check_sizes(student_params, teacher_params)
+
+    hint = build_hint(cfg, teacher, student, data, device)  # validates the layer names before any training
+    teacher_val = predict(teacher, data.val, data, device, eval_batch)
+    teacher_test = predict(teacher, data.test, data, device, eval_batch)
+    common = dict(device=device, seed=cfg.seed, batch_size=cfg.data.batch_size, eval_batch_size=eval_batch, log=log.info)
+
+    objective = make_kd_objective(cfg, teacher, data, device, hint=hint)
+    log.info(
+        "  KD: T=%g alpha=%g%s, teacher logits %s", settings.temperature, settings.alpha,
+        f", hint {hint.layers['teacher']} <- {hint.layers['student']} (beta={hint.weight:g})" if hint else "",
+        "cached" if objective.cache is not None else "computed every batch",
+    )
+    try:
+        result = fit(student, data, settings, objective=objective, desc="distill", reference_val_logits=teacher_val, **common)
+    finally:
+        objective.close()  # removes the hint hooks from the student before it is saved or reused
+    student_test = predict(student, data.test, data, device, eval_batch)
+
+    metrics: dict[str, Any] = {
+        "model": cfg.student.model,
+        "temperature": settings.temperature,
+        "alpha": settings.alpha,
+        "hint": {**hint.layers, "weight": hint.weight, "shapes": hint.shapes} if hint else None,
+        "device": str(device),
+        "student_params": student_params,
+        "teacher_params": teacher_params,
+        "teacher_test_accuracy": round(accuracy(teacher_test, data.test.labels), 6),
+        "student_test_accuracy": round(accuracy(student_test, data.test.labels), 6),
+        "student_test_agreement": round(agreement(student_test, teacher_test), 6),
+        "student_val_accuracy": result.best_val_accuracy,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "cache": {"enabled": True, **objective.cache.stats()} if objective.cache is not None
+        else {"enabled": False, "hits": 0, "misses": 0, "hit_rate": None},
+        "train_wall_s": result.wall_s,
+        "baseline_test_accuracy": None,
+        "baseline_test_agreement": None,
+        "baseline_history": None,
+        "baseline_best_epoch": None,
+        "baseline_train_wall_s": None,
+        "kd_gain": None,
+    }
+    artifacts = {STUDENT: student}
+    if settings.baseline:
+        baseline = build_model(ctx, cfg.student.model, cfg.student.model_kwargs, "student.model")
+        baseline.load_state_dict(initial_state)
+        base = fit(
+            baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
+            reference_val_logits=teacher_val, **common,
+        )
+        baseline_test = predict(baseline, data.test, data, device, eval_batch)
+        metrics.update(
+            baseline_test_accuracy=round(accuracy(baseline_test, data.test.labels), 6),
+            baseline_test_agreement=round(agreement(baseline_test, teacher_test), 6),
+            baseline_val_accuracy=base.best_val_accuracy,
+            baseline_history=base.history,
+            baseline_best_epoch=base.best_epoch,
+            baseline_train_wall_s=base.wall_s,
+        )
+        metrics["kd_gain"] = round(metrics["student_test_accuracy"] - metrics["baseline_test_accuracy"], 6)
+        artifacts[BASELINE] = baseline
+
+    # Written only now: a failure in either training leaves no student file behind.
+    meta = model_meta(cfg.student.model, cfg.student.model_kwargs, "student")
+    for name, model in artifacts.items():
+        save_checkpoint(model, ctx.path(name), meta)
+    summary = f"{student_params:,} params, test {metrics['student_test_accuracy']:.4f}"
+    if metrics["kd_gain"] is not None:
+        summary += f" (baseline {metrics['baseline_test_accuracy']:.4f}, KD gain {metrics['kd_gain']:+.4f})"
+    summary += f", agreement with teacher {metrics['student_test_agreement']:.4f}"
+    return StageResult(list(artifacts), metrics, summary)
