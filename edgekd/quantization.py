@@ -1,0 +1,339 @@
+"""int8 post-training quantization with onnxruntime.quantization: settings, CPU-aware defaults,
+calibration data, exclusion checks, and one quantize-and-measure attempt. No torch.
+
+The search over settings (which attempt wins) lives in `edgekd.stages.quantize`; everything here works on
+files and numpy arrays and is tested directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from edgekd.errors import InputError, StageFailed
+
+log = logging.getLogger("edgekd")
+
+_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}  # not Distribution: meant for float8, wrecks int8
+_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QLinearGlobalAveragePool")
+_WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+_CALIB_BATCH = 32
+_HISTOGRAM_WARN_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """One quantization recipe; every behaviour-changing option of quantize_static/dynamic is explicit."""
+
+    mode: str = "static"  # static | dynamic
+    format: str = "qdq"  # qdq | qoperator (static only)
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_type: str = "uint8"  # static only; dynamic picks uint8 at run time
+    weight_type: str = "int8"
+    method: str = "minmax"
+    percentile: float = 99.999
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    label: str = "configured"  # why this attempt exists; not part of the recipe
+
+    def key(self) -> tuple:
+        return tuple((k, v) for k, v in asdict(self).items() if k != "label")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["exclude_nodes"], data["exclude_op_types"] = list(self.exclude_nodes), list(self.exclude_op_types)
+        if self.mode == "dynamic":
+            for key in ("format", "activation_type", "method", "percentile"):
+                data.pop(key)
+        elif self.method != "percentile":
+            data.pop("percentile")
+        return data
+
+    def check(self) -> None:
+        if self.mode == "static" and self.activation_type == "int8" and self.weight_type == "uint8":
+            raise InputError("quantize.weight_type: uint8 weights need uint8 activations (onnxruntime does not "
+                             "support int8 activations with uint8 weights); set quantize.activation_type: uint8")
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU-aware defaults
+
+
+def cpu_features() -> dict[str, Any]:
+    """{'arch', 'flags'} of this machine (edgekd.runtime.cpu.cpu_info; never raises)."""
+    try:
+        from edgekd.runtime.cpu import cpu_info
+
+        info = cpu_info()
+        return {"cpu": info.get("cpu"), "arch": info.get("arch"), "flags": info.get("flags") or {}}
+    except Exception:  # noqa: BLE001 - unknown CPU: the caller takes the saturation-safe choice
+        return {"cpu": None, "arch": None, "flags": {}}
+
+
+def choose_for_cpu(activation_type: str, reduce_range: bool | str, weight_type: str,
+                   cpu: dict[str, Any]) -> tuple[str, bool, str]:
+    """Resolve 'auto' activation type / reduce_range from CPU flags: (activation_type, reduce_range, why).
+
+    x86 without VNNI multiplies u8 x s8 with VPMADDUBSW, whose 16-bit intermediate can saturate; ORT's
+    remedy is 7-bit weights (reduce_range) or u8 x u8. VNNI (and ARM's dot-product) accumulate in 32 bits.
+    """
+    flags = cpu.get("flags") or {}
+    arch = (cpu.get("arch") or "").lower()
+    vnni = any(flags.get(k) for k in ("avx512_vnni", "avx_vnni", "amx"))
+    if arch in ("aarch64", "arm64") or arch.startswith("arm"):
+        auto_act, auto_rr, why = "int8", False, "ARM: symmetric int8 activations, no saturation (ORT guidance)"
+    elif vnni:
+        auto_act, auto_rr, why = "uint8", False, "x86 with VNNI: u8 x s8 without saturation"
+    elif flags.get("avx2") or flags.get("avx512f"):
+        auto_act, auto_rr, why = "uint8", True, "x86 without VNNI: u8 x s8 can saturate, so 7-bit weights"
+    else:
+        auto_act, auto_rr, why = "uint8", True, "CPU features unknown: the saturation-safe choice"
+    act = auto_act if activation_type == "auto" else activation_type
+    if weight_type == "uint8" and activation_type == "auto":
+        act = "uint8"  # ORT has no int8-activation x uint8-weight kernels
+    rr = auto_rr if reduce_range == "auto" else bool(reduce_range)
+    return act, rr, why
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def calibration_indices(n_train: int, samples: int, seed: int) -> np.ndarray:
+    """A deterministic (seeded) sample of training indices, sorted; all of them when samples >= n_train."""
+    if n_train <= 0:
+        raise InputError("calibration: the training split is empty")
+    order = np.random.default_rng(seed + 7919).permutation(n_train)  # own stream: not the split's
+    return np.sort(order[:min(samples, n_train)])
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """Feeds calibration arrays in batches. One reader serves one quantize call: ORT drains it, and a
+    drained reader silently yields nothing, so callers create a fresh one each time (`fresh()`)."""
+
+    def __init__(self, inputs: np.ndarray, input_name: str = "input", batch_size: int = _CALIB_BATCH) -> None:
+        if len(inputs) == 0:
+            raise InputError("calibration: no calibration samples (quantize.calibration.samples and the "
+                             "training split must be non-empty)")
+        self.inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        self.input_name, self.batch_size = input_name, max(1, int(batch_size))
+        self.position = 0
+        self.samples_yielded = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.inputs):
+            return None
+        batch = self.inputs[self.position:self.position + self.batch_size]
+        self.position += len(batch)
+        self.samples_yielded += len(batch)
+        return {self.input_name: batch}
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.inputs) / self.batch_size)
+
+    def fresh(self) -> ArrayCalibrationReader:
+        return ArrayCalibrationReader(self.inputs, self.input_name, self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph preparation and inspection
+
+
+def preprocess(source: str | Path, target: str | Path) -> str:
+    """ORT's quant_pre_process (shape inference + graph optimization); returns which variant ran.
+
+    Symbolic shape inference fails on some graphs; then ONNX shape inference alone is used.
+    """
+    try:
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
+        return "full"
+    except Exception as exc:  # noqa: BLE001 - retry without the fragile step, then give up clearly
+        log.info("  quant_pre_process with symbolic shapes failed (%s); retrying without", str(exc)[:200])
+    try:
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+        return "onnx_shape_only"
+    except Exception as exc:
+        raise StageFailed(f"quantization pre-processing of {Path(source).name} failed: {exc}") from exc
+
+
+def graph_nodes(path: str | Path) -> list[onnx.NodeProto]:
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def op_counts(path: str | Path) -> dict[str, int]:
+    return dict(sorted(Counter(node.op_type for node in graph_nodes(path)).items()))
+
+
+def quantized_node_count(counts: dict[str, int]) -> int:
+    return sum(n for op, n in counts.items() if op in QUANTIZED_OPS)
+
+
+def validate_exclusions(path: str | Path, nodes: Sequence[str], op_types: Sequence[str]) -> None:
+    """InputError for names not in the pre-processed graph (onnxruntime would silently ignore them)."""
+    graph = graph_nodes(path)
+    names = [n.name for n in graph]
+    unknown = [n for n in nodes if n not in set(names)]
+    if unknown:
+        weighted = [n.name for n in graph if n.op_type in _WEIGHTED_OPS] or names
+        raise InputError(f"quantize.exclude_nodes: no node named {', '.join(map(repr, unknown))} in the graph "
+                         f"being quantized (names depend on the exporter); valid names include: "
+                         f"{', '.join(weighted[:6])}")
+    present = sorted({n.op_type for n in graph})
+    missing = [t for t in op_types if t not in present]
+    if missing:
+        raise InputError(f"quantize.exclude_op_types: {', '.join(map(repr, missing))} not in the graph; "
+                         f"its operator types: {', '.join(present)}")
+
+
+def edge_layers(path: str | Path) -> tuple[str, ...]:
+    """Names of the first and last weighted layers (often the most quantization-sensitive)."""
+    weighted = [n.name for n in graph_nodes(path) if n.op_type in _WEIGHTED_OPS and n.name]
+    return tuple(dict.fromkeys([weighted[0], weighted[-1]])) if weighted else ()
+
+
+def activation_bytes_per_sample(path: str | Path) -> int:
+    """Rough float bytes of all intermediate activations for one sample (from the shape-inferred graph)."""
+    total = 0
+    for info in onnx.load(str(path), load_external_data=False).graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        sizes = [d.dim_value for d in dims[1:]] if dims else []
+        if sizes and all(s > 0 for s in sizes):
+            total += 4 * int(np.prod(sizes))
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizing
+
+
+@dataclass
+class CalibrationCache:
+    """Calibration ranges computed once per (method, op types) and reused across attempts (ORT >= 1.23
+    accepts calibration_cache_path); without that support every attempt recalibrates."""
+
+    folder: Path
+    supported: bool = field(default_factory=lambda: "calibration_cache_path" in
+                            inspect.signature(quantize_static).parameters)
+
+    def path_for(self, settings: QuantSettings) -> Path | None:
+        if not self.supported:
+            return None
+        key = f"{settings.method}-{settings.percentile}-{','.join(sorted(settings.exclude_op_types))}"
+        return self.folder / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
+def _op_types(path: Path, exclude: Sequence[str], dynamic: bool) -> list[str] | None:
+    if not exclude:
+        return None  # onnxruntime's default: everything it can quantize
+    from onnxruntime.quantization.registry import (
+        IntegerOpsRegistry,
+        QDQRegistry,
+        QLinearOpsRegistry,
+    )
+
+    known = set(IntegerOpsRegistry) if dynamic else set(QLinearOpsRegistry) | set(QDQRegistry)
+    present = {n.op_type for n in graph_nodes(path)}
+    return sorted((known & present) - set(exclude))
+
+
+def quantize_model(pre: str | Path, target: str | Path, settings: QuantSettings,
+                   reader: ArrayCalibrationReader | None, cache: CalibrationCache | None = None) -> dict[str, Any]:
+    """Quantize the pre-processed model to `target`; returns the exact options passed (for the manifest)."""
+    settings.check()
+    pre, target = Path(pre), Path(target)
+    op_types = _op_types(pre, settings.exclude_op_types, settings.mode == "dynamic")
+    if settings.mode == "dynamic":
+        options = {"per_channel": settings.per_channel, "reduce_range": settings.reduce_range,
+                   "weight_type": settings.weight_type, "extra_options": {"WeightSymmetric": True}}
+        quantize_dynamic(pre, target, op_types_to_quantize=op_types, nodes_to_exclude=list(settings.exclude_nodes),
+                         per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                         weight_type=_TYPES[settings.weight_type], extra_options=options["extra_options"])
+        return options
+    if reader is None:
+        raise InputError("static quantization needs calibration data")
+    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    # Not CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator discards (not merges) the
+    # batches it flushes, failing with "No data is collected" at multiples of it. MinMax keeps only
+    # per-batch min/max values anyway, so its memory stays small without it.
+    if settings.method == "percentile":
+        extra["CalibPercentile"] = settings.percentile
+    kwargs: dict[str, Any] = {}
+    cache_path = cache.path_for(settings) if cache else None
+    if cache_path is not None:
+        kwargs["calibration_cache_path"] = cache_path
+    with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print progress lines
+        quantize_static(
+            pre, target, calibration_data_reader=reader.fresh(), quant_format=_FORMATS[settings.format],
+            op_types_to_quantize=op_types, per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+            activation_type=_TYPES[settings.activation_type], weight_type=_TYPES[settings.weight_type],
+            nodes_to_exclude=list(settings.exclude_nodes), calibrate_method=_METHODS[settings.method],
+            calibration_providers=["CPUExecutionProvider"], extra_options=extra, **kwargs)
+    return {"quant_format": settings.format, "per_channel": settings.per_channel,
+            "reduce_range": settings.reduce_range, "activation_type": settings.activation_type,
+            "weight_type": settings.weight_type, "calibrate_method": settings.method, "extra_options": extra}
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring an attempt
+
+
+def predictions(path: str | Path, inputs: np.ndarray) -> np.ndarray:
+    """Top-1 classes from ONNX Runtime (1 thread)."""
+    from edgekd.runtime.evaluate import predict_logits
+    from edgekd.runtime.session import open_session
+
+    return predict_logits(open_session(path, threads=1), inputs, batch_size=256).argmax(axis=-1)
+
+
+def time_pair(fp32: str | Path, int8: str | Path, sample: np.ndarray, iterations: int = 100) -> dict[str, float]:
+    """p50 latency (ms) of both models, interleaved in chunks, batch 1, 1 thread: same noise for both."""
+    from edgekd.runtime.timing import interleaved_benchmark
+
+    rows = interleaved_benchmark({"fp32": str(fp32), "int8": str(int8)}, {1: sample[:1]}, [1],
+                                 warmup=10, iterations=iterations, chunk=10)
+    p50_fp32, p50_int8 = rows["fp32"][0]["p50"], rows["int8"][0]["p50"]
+    return {"p50_ms_fp32": p50_fp32, "p50_ms": p50_int8,
+            "speedup": p50_fp32 / max(p50_int8, 1e-9)}  # finite: the manifest is strict JSON
+
+
+def evaluate_attempt(fp32: Path, int8: Path, inputs: np.ndarray, labels: np.ndarray,
+                     fp32_predictions: np.ndarray, iterations: int) -> dict[str, Any]:
+    """Size, quantized-node count, validation accuracy and agreement with fp32, latency vs fp32."""
+    predicted = predictions(int8, inputs)
+    fp32_accuracy = float(np.mean(fp32_predictions == labels))
+    accuracy = float(np.mean(predicted == labels))
+    counts = op_counts(int8)
+    return {"size_bytes": int8.stat().st_size, "quantized_nodes": quantized_node_count(counts),
+            "val_accuracy": accuracy, "accuracy_drop": fp32_accuracy - accuracy,
+            "agreement": float(np.mean(predicted == fp32_predictions)),
+            **time_pair(fp32, int8, inputs, iterations)}
+
+
+def with_label(settings: QuantSettings, label: str, **changes: Any) -> QuantSettings:
+    return replace(settings, label=label, **changes)

@@ -1,0 +1,162 @@
+"""Stage 4: export every model later stages need to ONNX, check parity with PyTorch, write eval data.
+
+Writes <model>.onnx for teacher / student / student_baseline / pruned (whichever earlier stages produced),
+optional `.ort` copies, eval.npz (test split) and val.npz (validation split). Everything is staged in a
+hidden folder of the run directory and moved into place only once every model passed its checks, so a
+failed export leaves no new file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd import atomic
+from edgekd.config import PipelineConfig
+from edgekd.pipeline import RunContext, StageResult, log
+from edgekd.stages import data_view, section
+
+NAME = "export"
+MODEL_ORDER = ("teacher", "student", "student_baseline", "pruned")
+EVAL_ARTIFACT = "eval.npz"
+VAL_ARTIFACT = "val.npz"
+_STAGING_PREFIX = ".staging-export-"
+
+
+def enabled(cfg: PipelineConfig) -> bool:
+    return True
+
+
+def depends_on(cfg: PipelineConfig) -> list[str]:
+    return ["teacher", *(["distill"] if cfg.distill_enabled else []), *(["prune"] if cfg.prune_enabled else [])]
+
+
+def config_view(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**data_view(cfg), "export": section(cfg.export)}
+
+
+def models_to_export(cfg: PipelineConfig, ctx: RunContext) -> list[str]:
+    """Checkpoint names (teacher, student, ...) written by the stages export depends on, in pipeline order."""
+    names: set[str] = set()
+    for stage in depends_on(cfg):
+        for artifact in ctx.manifest.get("stages", {}).get(stage, {}).get("artifacts", {}):
+            if artifact.endswith(".pt"):
+                names.add(artifact[:-3])
+    return sorted(names, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else len(MODEL_ORDER), n))
+
+
+def _teacher_top1(model: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        chunks = [model(torch.from_numpy(inputs[i:i + batch_size])).argmax(1).numpy()
+                  for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with atomic.atomic_path(path) as temp, open(temp, "wb") as handle:
+        np.savez(handle, **arrays)  # uncompressed: loads fast on a device, hashes once
+
+
+def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
+    import torch
+
+    from edgekd.models import load_model
+    from edgekd.onnx_export import (
+        build_metadata,
+        check_parity,
+        count_macs,
+        export_onnx,
+        parity,
+    )
+    from edgekd.pipeline import stage_fingerprint
+
+    opts = cfg.export
+    data, meta = ctx.data, ctx.data.meta
+    preprocess = meta.preprocess()
+    val_x, val_y = data.normalized("val")
+    test_x, test_y = data.normalized("test")
+    batch_sizes = list(dict.fromkeys(opts.parity_batch_sizes)) if opts.dynamic_batch else [1]
+    fingerprint = stage_fingerprint(sys.modules[__name__], cfg, ctx.manifest)
+    for stale in ctx.run_dir.glob(f"{_STAGING_PREFIX}*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=ctx.run_dir))
+    try:
+        models: dict[str, dict[str, Any]] = {}
+        written: list[str] = []
+        example = torch.from_numpy(val_x[:2] if opts.dynamic_batch else val_x[:1])
+        for name in models_to_export(cfg, ctx):
+            checkpoint = ctx.artifact(f"{name}.pt")
+            model = load_model(checkpoint, num_classes=meta.num_classes, in_channels=meta.channels,
+                               input_size=meta.height).cpu().eval()
+            metadata = build_metadata(
+                labels=meta.labels, preprocess=preprocess, artifact=name, source_artifact=checkpoint.name,
+                source_sha256=atomic.sha256_file(checkpoint), config_fingerprint=fingerprint,
+                extra={"exporter": "dynamo" if opts.dynamo else "torchscript", "opset_requested": opts.opset})
+            result = export_onnx(model, example, staging / f"{name}.onnx", opset=opts.opset, dynamo=opts.dynamo,
+                                 dynamic_batch=opts.dynamic_batch, metadata=metadata, name=name)
+            result.parity = parity(model, result.path, val_x, batch_sizes)
+            check_parity(result.parity, opts.parity_atol, name)
+            macs, params = count_macs(model, example)
+            models[name] = {**result.to_dict(), "params": params, "macs": macs, "ort_path": None, "ort_error": None}
+            written.append(result.path.name)
+            if result.opset_written != opts.opset:
+                log.info("  %s: opset %d requested, %d written (the dynamo exporter targets >= 18)",
+                         name, opts.opset, result.opset_written)
+            log.info("  %s.onnx: opset %d, %d bytes, parity %s", name, result.opset_written, result.size_bytes,
+                     ", ".join(f"b{r['batch']}={r['max_abs_diff']:.1e}" for r in result.parity))
+            if name == "teacher":
+                _save_npz(staging / EVAL_ARTIFACT, inputs=test_x, labels=test_y,
+                          teacher_predictions=_teacher_top1(model, test_x, cfg.data.eval_batch_size))
+                _save_npz(staging / VAL_ARTIFACT, inputs=val_x, labels=val_y,
+                          teacher_predictions=_teacher_top1(model, val_x, cfg.data.eval_batch_size))
+                written += [EVAL_ARTIFACT, VAL_ARTIFACT]
+        if opts.ort_format:
+            written += _ort_copies(staging, models)
+        for artifact in written:  # all checks passed: move into place (same filesystem, atomic renames)
+            os.replace(staging / artifact, ctx.path(artifact))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for info in models.values():
+        info["size_bytes"] = ctx.path(info["path"]).stat().st_size
+    metrics = {
+        "models": models, "preprocess": preprocess, "labels": list(meta.labels),
+        "dynamo": opts.dynamo, "opset_requested": opts.opset,
+        "eval": {"path": EVAL_ARTIFACT, "split": "test", "samples": len(test_y)},
+        "val": {"path": VAL_ARTIFACT, "split": "val", "samples": len(val_y)},
+    }
+    worst = max((r["max_abs_diff"] for m in models.values() for r in m["parity"]), default=0.0)
+    opsets = sorted({m["opset_written"] for m in models.values()})
+    summary = f"{', '.join(models)} -> ONNX (opset {'/'.join(map(str, opsets))}), max |ORT-torch| {worst:.1e}"
+    return StageResult(written, metrics, summary)
+
+
+def _ort_copies(staging: Path, models: dict[str, dict[str, Any]]) -> list[str]:
+    """ORT-format (.ort) copies for ONNX Runtime Mobile; a failure is recorded, never fatal."""
+    from edgekd.runtime.mobile import convert_to_ort_with_reason
+
+    written = []
+    for name, info in models.items():
+        try:
+            path, reason = convert_to_ort_with_reason(staging / info["path"], staging)
+        except Exception as exc:  # noqa: BLE001 - optional output
+            path, reason = None, f"{type(exc).__name__}: {exc}"
+        info["ort_path"], info["ort_error"] = (path.name if path else None), reason
+        if path is not None:
+            written += [path.name, *ort_sidecars(staging, path)]
+        else:
+            log.warning("  %s: no .ort copy (%s)", name, reason)
+    return written
+
+
+def ort_sidecars(folder: Path, ort_path: Path) -> list[str]:
+    """Files the ORT converter leaves beside a .ort (the operator list a minimal ORT build needs)."""
+    config = folder / f"{ort_path.stem}.required_operators.config"
+    return [config.name] if config.is_file() else []
