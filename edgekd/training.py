@@ -168,15 +168,16 @@ def fit(
     eval_batch_size: int = 512,
     reference_val_logits: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
-    rank: int = 0,
-    world_size: int = 1,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> FitResult:
     """Train `model` in place; at the end it holds the weights of the epoch with the best validation accuracy.
 
     `reference_val_logits` (the teacher's on the validation split) adds top-1 agreement to each epoch's row.
-    `wrap` wraps the model for the forward/backward passes (DistributedDataParallel under torchrun).
+    Under torchrun each rank trains on its DistributedSampler shard of every epoch through DDP; the training
+    loss parts are all-reduced, and every rank validates on the whole (small) validation split, so all ranks
+    select the same best epoch.
     """
+    from edgekd import distributed
+
     from tqdm import tqdm
 
     objective = objective or CrossEntropyObjective(cfg.label_smoothing)
@@ -184,7 +185,8 @@ def fit(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    trained = wrap(model) if wrap else model
+    rank, world_size = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else (0, 1)
+    trained = distributed.wrap_model(model, device)
     train_batches = Batches(data.train, data, batch_size or 128, device, shuffle=True, seed=seed, rank=rank, world_size=world_size)
     params = [p for p in model.parameters() if p.requires_grad] + objective.extra_parameters()
     optimizer = _optimizer(params, cfg)  # built here, after any pruning: never holds stale parameters
@@ -215,6 +217,7 @@ def fit(
                 raise StageFailed(f"{desc}: loss became {float(loss)} at epoch {epoch}, step {step} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            distributed.average_gradients(objective.extra_parameters())  # DDP syncs only the model's own
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -225,6 +228,8 @@ def fit(
             seen += count
             for name, value in {"loss": loss, **parts}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * count
+        sums = distributed.all_reduce_sums({**sums, "_seen": float(seen)})
+        seen = int(sums.pop("_seen"))
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
         val_logits = predict(model, data.val, data, device, eval_batch_size)

@@ -11,6 +11,7 @@ from edgekd.pipeline import RunContext, StageResult, log
 from edgekd.stages import build_model, data_view, load_artifact_model, section
 
 NAME = "distill"
+DISTRIBUTED = True  # trains on every rank under torchrun
 STUDENT = "student.pt"
 BASELINE = "student_baseline.pt"
 

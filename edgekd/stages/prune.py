@@ -16,6 +16,7 @@ from edgekd.pipeline import RunContext, StageResult, log
 from edgekd.stages import data_view, load_artifact_model, section
 
 NAME = "prune"
+DISTRIBUTED = True  # recovery trains on every rank; the pruned structure comes from rank 0
 ARTIFACT = "pruned.pt"
 DEFAULT_TEMPERATURE, DEFAULT_ALPHA = 4.0, 0.1  # KD settings when the distill section is switched off
 
@@ -65,6 +66,7 @@ def _kd_objective(cfg: PipelineConfig, teacher: Any, data: Any, device: Any) -> 
 def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     import torch
 
+    from edgekd import distributed
     from edgekd.models import model_meta
     from edgekd.models.checkpoint import save_checkpoint
     from edgekd.models.structure import record_structure
@@ -106,6 +108,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
         return taylor_gradients(m, probe)
 
     def recover(m: Any, row: dict[str, Any]) -> None:
+        distributed.share_module_from_main(m)  # under torchrun every rank recovers rank 0's pruned model
         row["accuracy_after_prune"] = val_accuracy(m)
         log.info("  step %d/%d: channel ratio %.3f -> %s MACs (%.3f), %s params (%.3f), val %.4f before recovery",
                  row["step"], settings.steps, row["channel_ratio"], f"{row['macs']:,}", row["macs_fraction"],
@@ -173,7 +176,12 @@ def _check_round_trip(ctx: RunContext, model: Any, example: Any) -> None:
     """Reload pruned.pt the way later stages will (weights_only) and insist on identical outputs."""
     import torch
 
-    reloaded = load_artifact_model(ctx, ARTIFACT)
+    from edgekd.models import load_model
+
+    meta = ctx.data.meta
+    # ctx.path: the file this process just wrote (a private scratch copy on ranks other than 0)
+    reloaded = load_model(ctx.path(ARTIFACT), num_classes=meta.num_classes, in_channels=meta.channels,
+                          input_size=meta.height).to(ctx.device).eval()
     with torch.no_grad():
         if not torch.allclose(model(example), reloaded(example), atol=1e-6, rtol=1e-5):
             raise StageFailed(f"stage prune: {ARTIFACT} does not reload to the same model (structure record incomplete?)")
