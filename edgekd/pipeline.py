@@ -138,13 +138,17 @@ def _hash_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_fingerprint(module: Any, cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
+def stage_fingerprint(module: Any, cfg: PipelineConfig, manifest: dict[str, Any], *, metrics: bool = True) -> str:
     # Inputs are the dependencies' artifacts and their metrics (the benchmark stage hands its results on
-    # as metrics only, so a re-measured benchmark must re-render the report).
+    # as metrics only, so a re-measured benchmark must re-render the report). metrics=False leaves the
+    # metrics out: metrics hold timings, so that fingerprint is the one to write INTO artifacts (the same
+    # config and inputs give byte-identical files run after run).
     inputs = {}
     for dep in module.depends_on(cfg):
         entry = manifest.get("stages", {}).get(dep, {})
-        inputs[dep] = {"artifacts": entry.get("artifacts", {}), "metrics": _hash_json(entry.get("metrics", {}))}
+        inputs[dep] = {"artifacts": entry.get("artifacts", {})}
+        if metrics:
+            inputs[dep]["metrics"] = _hash_json(entry.get("metrics", {}))
     return _hash_json({"stage": module.NAME, "config": module.config_view(cfg), "inputs": inputs, "version": __version__})
 
 

@@ -22,10 +22,14 @@ def data_view(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def build_model(ctx: Any, spec: str, kwargs: dict[str, Any], field: str) -> Any:
-    """Create an untrained model shaped for this run's data."""
+    """Create an untrained model shaped for this run's data, its initial weights drawn from the run's seed
+    (so two runs of one config start from, and end with, the same weights)."""
+    import torch
+
     from edgekd.models import create_model
 
     meta = ctx.data.meta
+    torch.manual_seed(ctx.cfg.seed)
     return create_model(
         spec, num_classes=meta.num_classes, in_channels=meta.channels, input_size=meta.height, kwargs=kwargs, field=field
     )

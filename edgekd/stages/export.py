@@ -84,7 +84,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     val_x, val_y = data.normalized("val")
     test_x, test_y = data.normalized("test")
     batch_sizes = list(dict.fromkeys(opts.parity_batch_sizes)) if opts.dynamic_batch else [1]
-    fingerprint = stage_fingerprint(sys.modules[__name__], cfg, ctx.manifest)
+    fingerprint = stage_fingerprint(sys.modules[__name__], cfg, ctx.manifest, metrics=False)  # no timings
     for stale in ctx.run_dir.glob(f"{_STAGING_PREFIX}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=ctx.run_dir))
