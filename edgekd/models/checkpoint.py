@@ -34,9 +34,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is a paragraph; keep the line that names what was refused
-        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-        reason = lines[0].split("WeightsUnpickler error:", 1)[-1].strip() if lines else "unsafe or unknown content"
+        # torch's message is a paragraph; keep the first line after "WeightsUnpickler error:" (on the same
+        # line or, as for a file that is not a checkpoint at all, on one of the next ones)
+        _, found, after = str(exc).partition("WeightsUnpickler error:")
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "") if found else ""
+        reason = reason or "unsafe or unknown content"
         raise InputError(f"{path}: refused to load: not a plain weights file ({reason[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
         raise InputError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
