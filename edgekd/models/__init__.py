@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Collection
 from typing import Any
 
 from torch import nn
@@ -97,14 +98,30 @@ def model_meta(spec: str, kwargs: dict[str, Any] | None, role: str) -> dict[str,
     return {"model": spec, "model_kwargs": dict(kwargs or {}), "role": role}
 
 
-def load_model(path, *, num_classes: int, in_channels: int, input_size: int) -> nn.Module:  # noqa: ANN001
+def is_user_factory(spec: str) -> bool:
+    """True for a `pkg.module:factory` spec (user code that is imported and called)."""
+    return ":" in spec and not spec.startswith("torchvision:")
+
+
+def load_model(path, *, num_classes: int, in_channels: int, input_size: int,  # noqa: ANN001
+               factories: Collection[str] = ()) -> nn.Module:
     """Rebuild a model saved by edgekd (architecture from the checkpoint's meta, pruned structure
-    re-applied when present) and load its weights with weights_only=True."""
+    re-applied when present) and load its weights with weights_only=True.
+
+    A checkpoint never chooses which code runs: a `pkg.module:factory` recorded in its meta is imported only
+    when it is one of `factories` (the specs the caller's config names); built-in and torchvision names are
+    always allowed.
+    """
     from edgekd.models.checkpoint import load_into, read_checkpoint
 
     state, meta = read_checkpoint(path)
-    if "model" not in meta:
+    if not isinstance(meta.get("model"), str) or not isinstance(meta.get("model_kwargs") or {}, dict):
         raise InputError(f"{path}: not an edgekd checkpoint (no architecture recorded)")
+    if is_user_factory(meta["model"]) and meta["model"] not in factories:
+        raise InputError(
+            f"{path}: the checkpoint names the model factory '{meta['model']}', which the config does not "
+            "(teacher.model / student.model); refusing to import code that a checkpoint chooses"
+        )
     model = create_model(
         meta["model"], num_classes=num_classes, in_channels=in_channels, input_size=input_size,
         kwargs=meta.get("model_kwargs"), field=f"{path}",

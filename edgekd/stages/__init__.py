@@ -35,10 +35,16 @@ def build_model(ctx: Any, spec: str, kwargs: dict[str, Any], field: str) -> Any:
     )
 
 
+def model_factories(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The model specs this config names: the only `pkg.module:factory` a checkpoint's meta may rebuild."""
+    return (cfg.teacher.model, cfg.student.model)
+
+
 def load_artifact_model(ctx: Any, name: str) -> Any:
     """Load a model checkpoint written by an earlier stage (e.g. 'teacher.pt') onto the run's device."""
     from edgekd.models import load_model
 
     meta = ctx.data.meta
-    model = load_model(ctx.artifact(name), num_classes=meta.num_classes, in_channels=meta.channels, input_size=meta.height)
+    model = load_model(ctx.artifact(name), num_classes=meta.num_classes, in_channels=meta.channels, input_size=meta.height,
+                       factories=model_factories(ctx.cfg))
     return model.to(ctx.device).eval()

@@ -12,7 +12,7 @@ from typing import Any
 
 from edgekd.config import PipelineConfig
 from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import section
+from edgekd.stages import model_factories, section
 
 NAME = "benchmark"
 EVAL_FILE = "eval.npz"
@@ -139,7 +139,7 @@ def _torch_models(ctx: RunContext) -> dict[str, Any]:
         path = ctx.path(f"{name}.pt")
         if path.is_file():
             models[name] = load_model(path, num_classes=num_classes, in_channels=int(channels),
-                                      input_size=int(height)).cpu().eval()
+                                      input_size=int(height), factories=model_factories(ctx.cfg)).cpu().eval()
     return models
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from edgekd import atomic
 from edgekd.config import PipelineConfig
 from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import data_view, section
+from edgekd.stages import data_view, model_factories, section
 
 NAME = "export"
 MODEL_ORDER = ("teacher", "student", "student_baseline", "pruned")
@@ -95,7 +95,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
         for name in models_to_export(cfg, ctx):
             checkpoint = ctx.artifact(f"{name}.pt")
             model = load_model(checkpoint, num_classes=meta.num_classes, in_channels=meta.channels,
-                               input_size=meta.height).cpu().eval()
+                               input_size=meta.height, factories=model_factories(cfg)).cpu().eval()
             metadata = build_metadata(
                 labels=meta.labels, preprocess=preprocess, artifact=name, source_artifact=checkpoint.name,
                 source_sha256=atomic.sha256_file(checkpoint), config_fingerprint=fingerprint,

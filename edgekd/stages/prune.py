@@ -13,7 +13,7 @@ from typing import Any
 from edgekd.config import PipelineConfig
 from edgekd.errors import StageFailed
 from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import data_view, load_artifact_model, section
+from edgekd.stages import data_view, load_artifact_model, model_factories, section
 
 NAME = "prune"
 DISTRIBUTED = True  # recovery trains on every rank; the pruned structure comes from rank 0
@@ -181,7 +181,7 @@ def _check_round_trip(ctx: RunContext, model: Any, example: Any) -> None:
     meta = ctx.data.meta
     # ctx.path: the file this process just wrote (a private scratch copy on ranks other than 0)
     reloaded = load_model(ctx.path(ARTIFACT), num_classes=meta.num_classes, in_channels=meta.channels,
-                          input_size=meta.height).to(ctx.device).eval()
+                          input_size=meta.height, factories=model_factories(ctx.cfg)).to(ctx.device).eval()
     with torch.no_grad():
         if not torch.allclose(model(example), reloaded(example), atol=1e-6, rtol=1e-5):
             raise StageFailed(f"stage prune: {ARTIFACT} does not reload to the same model (structure record incomplete?)")
