@@ -214,7 +214,7 @@ def fit(
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 loss, parts = objective(trained, inputs, labels, indices, augmented)
             if not torch.isfinite(loss):
-                raise StageFailed(f"{desc}: loss became {float(loss)} at epoch {epoch}, step {step} (lower the learning rate?)")
+                raise StageFailed(f"{desc}: loss became {float(loss.detach())} at epoch {epoch}, step {step} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             distributed.average_gradients(objective.extra_parameters())  # DDP syncs only the model's own
