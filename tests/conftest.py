@@ -21,7 +21,7 @@ TINY_CONFIG: dict[str, Any] = {
     "data": {"dataset": "synthetic", "batch_size": 32, "synthetic": {"num_samples": 400, "image_size": 16}},
     "teacher": {"model": "cnn_small", "train": {"epochs": 2, "lr": 0.01}},
     "student": {"model": "cnn_tiny"},
-    "distill": {"epochs": 1, "baseline": False},
+    "distill": {"epochs": 3, "lr": 0.01, "baseline": False},
     "prune": {"ratio": 0.25, "finetune": {"epochs": 1}},
     "quantize": {"calibration": {"samples": 64}, "search": False},
     "benchmark": {"threads": [1], "batch_sizes": [1], "warmup": 2, "iterations": 10, "memory": False, "torch_reference": False},
