@@ -175,10 +175,37 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def _acquiring(run_dir: Path) -> Iterator[None]:
+    """Serializes lock acquisition between processes with flock on the run directory itself (no extra file;
+    the kernel drops it if the process dies). Without it, a second process could read the lock file in the
+    instant between its creation and its record being written, or two processes could both take over one
+    stale lock, and both would run."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the O_EXCL create below still keeps two runs apart, minus these races
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One edgekd run per run directory; a lock left by a dead process is taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir / LOCK
+    with _acquiring(run_dir):
+        _acquire(run_dir / LOCK, run_dir)
+    try:
+        yield
+    finally:
+        (run_dir / LOCK).unlink(missing_ok=True)
+
+
+def _acquire(lock_path: Path, run_dir: Path) -> None:
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     for _ in range(2):
         try:
@@ -191,7 +218,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             same_host = holder.get("host") == record["host"]
             if holder and same_host and _process_alive(int(holder.get("pid", -1))):
                 raise InputError(
-                    f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish"
+                    f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish "
+                    f"(if no edgekd run is using it, remove {lock_path})"
                 ) from None
             if holder and not same_host:
                 raise InputError(
@@ -203,11 +231,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             continue
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle)
-        break
-    try:
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
+        return
+    raise InputError(f"{run_dir}: could not take the lock {lock_path}; remove it if no edgekd run is using it")
 
 
 # --------------------------------------------------------------------------------------------------
