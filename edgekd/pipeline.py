@@ -415,7 +415,10 @@ def _run_stage(module: Any, ctx: RunContext, fingerprint: str) -> None:
     started = time.perf_counter()
     try:
         result: StageResult = module.run(ctx.cfg, ctx)
-    except EdgekdError:
+    except EdgekdError as exc:  # the CLI prints it on stderr; log.txt keeps it too
+        if main:
+            with open(ctx.run_dir / "log.txt", "a", encoding="utf-8") as handle:
+                handle.write(f"[{name}] failed: {exc}\n")
         raise
     except KeyboardInterrupt:
         raise
