@@ -56,8 +56,20 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Work folders that stages create inside the run directory (export's staging folder, the ORT-format
+# converter's temp folder); a process killed midway leaves them behind.
+STALE_FOLDER_PREFIXES = (TEMP_MARK, ".staging-export-", ".ort-convert-")
+
+
 def remove_stale_temps(folder: Path) -> None:
-    """Delete temp files a killed process left behind."""
-    if folder.is_dir():
-        for stale in folder.rglob(f"{TEMP_MARK}*"):
+    """Delete temp files and work folders a killed process left behind (call it holding the run's lock)."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    for stale in sorted(folder.rglob(f"{TEMP_MARK}*"), reverse=True):
+        if stale.is_file() or stale.is_symlink():
             stale.unlink(missing_ok=True)
+    for stale in folder.iterdir():
+        if stale.is_dir() and not stale.is_symlink() and stale.name.startswith(STALE_FOLDER_PREFIXES):
+            shutil.rmtree(stale, ignore_errors=True)
