@@ -1,0 +1,305 @@
+"""Safety: no code runs from checkpoints, YAML or ONNX files; writes stay inside the run directory; --force
+removes only the stage's own files; a diverging loss fails the stage (exit 3) and keeps earlier artifacts.
+
+Training runs go through tests/reliability_runs.py's pinned `edgekd run` (one core, single-threaded torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import deep_merge, run_edgekd, write_config
+from reliability_runs import (
+    CORES,
+    RESUME_OVERRIDE,
+    Proc,
+    files_in,
+    kill_and_resume_scenario,
+    start_edgekd,
+)
+
+from edgekd import atomic
+from edgekd.errors import InputError
+
+# --force and the NaN guard start from copies of the resumed run of tests/reliability_runs.py (teacher from
+# a user factory, student, ...); only teacher and distill are selected.
+ONLY_TEACHER_AND_DISTILL = ["--only", "teacher", "--only", "distill"]
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    folder: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder / "runs" / "tiny"
+
+
+def _start(folder: Path, args: list[str], label: str, core_index: int, env: dict[str, str] | None = None) -> Proc:
+    """`edgekd ARGS` in `folder`, on one core."""
+    logs = folder.parent / f"logs-{label}"
+    logs.mkdir()
+    return start_edgekd(args, folder, logs, label, CORES[core_index % len(CORES)] if CORES else None, env)
+
+
+def _finish(proc: Proc, folder: Path) -> Run:
+    return Run(proc.wait(), proc.stdout, proc.stderr, folder)
+
+
+def _malicious_checkpoint(folder: Path) -> Path:
+    import torch
+
+    marker = folder / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"stage1.0.0.weight": Payload()}, folder / "evil.pt")
+    write_config(folder, {"teacher": {"checkpoint": "evil.pt"}})
+    return marker
+
+
+@dataclass
+class Runs:
+    source: Path  # the resumed run directory of tests/reliability_runs.py, copied by the next two
+    forced: Run  # --force distill, with unrelated files in the run directory
+    forced_before: dict[str, os.stat_result]
+    diverged: Run  # distill.lr 1e30
+    diverged_before: dict[str, Any]
+    malicious: Run  # teacher.checkpoint: a pickle that runs code, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The three `edgekd run`s that import torch, side by side (one per core, the third shares)."""
+    scenario = kill_and_resume_scenario(tmp_path_factory)
+    assert scenario.final.proc.popen.returncode == 0, scenario.final.proc.describe()
+    evil_folder = tmp_path_factory.mktemp("malicious")
+    _malicious_checkpoint(evil_folder)
+    malicious = _start(evil_folder, ["run", "pipeline.yaml"], "malicious", 1, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+
+    copies = {}
+    for name in ("forced", "diverged"):
+        copies[name] = tmp_path_factory.mktemp(name) / "copy"
+        shutil.copytree(scenario.folder, copies[name])
+    forced_dir = copies["forced"] / "runs" / "tiny"
+    (forced_dir / "notes.txt").write_text("my notes")
+    (forced_dir / "my_model.pt").write_bytes(b"not edgekd's")
+    forced_before = {name: (forced_dir / name).stat() for name in ("teacher.pt", "student.pt")}
+    diverged_before = {"teacher_sha": atomic.sha256_file(copies["diverged"] / "runs" / "tiny" / "teacher.pt"),
+                       "teacher_entry": _manifest(copies["diverged"])["stages"]["teacher"]}
+    write_config(copies["diverged"], deep_merge(RESUME_OVERRIDE, {"distill": {"epochs": 1, "lr": 1e30}}))
+    forced = _start(copies["forced"], ["run", "pipeline.yaml", "--force", "distill", *ONLY_TEACHER_AND_DISTILL],
+                    "forced", 0)
+    diverged = _start(copies["diverged"], ["run", "pipeline.yaml", *ONLY_TEACHER_AND_DISTILL], "diverged", 1)
+    return Runs(scenario.run_dir, _finish(forced, copies["forced"]), forced_before, _finish(diverged, copies["diverged"]),
+                diverged_before, _finish(malicious, evil_folder))
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "runs" / "tiny" / "manifest.json").read_text())
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_malicious_teacher_checkpoint_never_runs_even_when_env_forces_unsafe_torch_load(runs: Runs) -> None:
+    run = runs.malicious
+    assert run.code == 2, run.out + run.err
+    assert "evil.pt: refused to load: not a plain weights file (Unsupported global" in _one_line(run.err)
+    assert not (run.folder / "pwned").exists()
+    assert not (run.run_dir / "teacher.pt").exists()
+
+
+def test_checkpoint_meta_cannot_choose_which_factory_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekd.models import create_model, load_model, model_meta
+    from edgekd.models.checkpoint import save_checkpoint
+
+    marker = tmp_path / "pwned"
+    model = create_model("cnn_tiny", num_classes=4, in_channels=1, input_size=16)
+    save_checkpoint(model, tmp_path / "evil.pt", {"model": "os:system", "model_kwargs": {"command": f"touch {marker}"}})
+    with pytest.raises(InputError, match=r"evil\.pt: the checkpoint names the model factory 'os:system', which the "
+                                         r"config does not"):
+        load_model(tmp_path / "evil.pt", num_classes=4, in_channels=1, input_size=16, factories=("cnn_small", "cnn_tiny"))
+    assert not marker.exists()
+
+    # built-in names need no permission; a factory the config names is rebuilt as before
+    save_checkpoint(model, tmp_path / "tiny.pt", model_meta("cnn_tiny", {}, "student"))
+    assert load_model(tmp_path / "tiny.pt", num_classes=4, in_channels=1, input_size=16) is not None
+    (tmp_path / "mine.py").write_text("from edgekd.models.cnn import EdgeCNN\n\n\n"
+                                      "def build(num_classes, in_channels, input_size):\n"
+                                      "    return EdgeCNN(num_classes, in_channels, input_size, widths=[8, 16])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mine = create_model("mine:build", num_classes=4, in_channels=1, input_size=16)
+    save_checkpoint(mine, tmp_path / "mine.pt", model_meta("mine:build", {}, "teacher"))
+    with pytest.raises(InputError, match="names the model factory 'mine:build'"):
+        load_model(tmp_path / "mine.pt", num_classes=4, in_channels=1, input_size=16)
+    loaded = load_model(tmp_path / "mine.pt", num_classes=4, in_channels=1, input_size=16, factories=("mine:build",))
+    assert loaded.state_dict().keys() == mine.state_dict().keys()
+
+
+def test_model_name_without_a_factory_never_imports_a_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekd.models import create_model
+
+    marker = tmp_path / "imported"
+    (tmp_path / "sneaky.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("sneaky", "sneaky.build", "Sneaky"):
+        with pytest.raises(InputError, match="teacher.model"):
+            create_model(spec, num_classes=4, in_channels=1, input_size=16, field="teacher.model")
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML
+
+
+@pytest.mark.parametrize("text, cause", [
+    ("name: tiny\nseed: !!python/object/apply:os.system ['touch {marker}']\n",
+     (r"pipeline\.yaml:2:7: YAML syntax error: could not determine a constructor for the tag "
+      r"'tag:yaml\.org,2002:python/object/apply:os\.system'")),
+    ("name: tiny\nteacher: !!python/object:edgekd.config.TeacherConfig {{model: cnn_small}}\n",
+     r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/object:edgekd\.config\.TeacherConfig'"),
+    ("name: tiny\nseed: 1\nteacher: {{model: cnn_small}}\nseed: 2\n", r"pipeline\.yaml:4:1: YAML syntax error: duplicate key 'seed'"),
+    ("name: tiny\nteacher:\n  model: cnn_small\n  model: cnn_large\n", r"pipeline\.yaml:4:3: YAML syntax error: duplicate key 'model'"),
+], ids=["python-object-apply", "python-object", "duplicate-top-level-key", "duplicate-nested-key"])
+def test_pipeline_yaml_with_python_tags_or_duplicate_keys_is_rejected(tmp_path: Path, text: str, cause: str) -> None:
+    import re
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "pipeline.yaml").write_text(text.format(marker=marker))
+    proc = run_edgekd("run", "pipeline.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert re.search(cause, _one_line(proc.stderr)), proc.stderr
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX external data
+
+
+def _model_with_external_weights(folder: Path, location: str) -> Path:
+    """tiny.onnx whose first weight lives in an external file at `location` (relative to the model)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+    from report_fixture import tiny_model
+
+    path = folder / "models" / "tiny.onnx"
+    path.parent.mkdir(parents=True)
+    tiny_model(path, hidden=8)
+    model = onnx.load(str(path))
+    weight = model.graph.initializer[0]
+    data = onnx.numpy_helper.to_array(weight).tobytes()
+    target = (path.parent / location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)  # the bytes exist where the model points: only the location check can refuse
+    set_external_data(weight, location=location, offset=0, length=len(data))
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.ClearField("raw_data")
+    onnx.save(model, str(path))
+    return path
+
+
+def test_bench_refuses_onnx_external_data_outside_the_model_folder(tmp_path: Path) -> None:
+    model = _model_with_external_weights(tmp_path, "../secret.bin")
+    proc = run_edgekd("bench", str(model), "--no-memory", "--no-mobile", "--iterations", "5", "--warmup", "0", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert _one_line(proc.stderr).endswith("tiny.onnx: external data '../secret.bin' is outside the model's folder; "
+                                           "only weights stored beside the model file are loaded")
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "sub/../../secret.bin", "ABSOLUTE"])
+def test_open_session_loads_external_data_only_from_beside_the_model(tmp_path: Path, location: str) -> None:
+    from edgekd.runtime.errors import RuntimeInputError
+    from edgekd.runtime.session import open_session
+
+    location = str(tmp_path / "secret.bin") if location == "ABSOLUTE" else location
+    model = _model_with_external_weights(tmp_path, location)
+    with pytest.raises(RuntimeInputError, match="is outside the model's folder"):
+        open_session(model)
+
+
+def test_open_session_loads_external_data_stored_beside_the_model(tmp_path: Path) -> None:
+    from edgekd.runtime.session import open_session
+
+    session = open_session(_model_with_external_weights(tmp_path, "tiny.weights"))
+    out = session.run(None, {"input": np.zeros((2, 1, 8, 8), np.float32)})[0]
+    assert out.shape == (2, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writes stay inside the run directory; --force removes only the stage's own artifacts
+
+
+@pytest.mark.parametrize("name", ["../escape.pt", "/tmp/escape.pt", "plots/../../escape.pt"])
+def test_run_context_path_refuses_names_that_leave_the_run_directory(tmp_path: Path, name: str) -> None:
+    from edgekd.config import validate_config
+    from edgekd.pipeline import RunContext
+
+    cfg = validate_config({"name": "tiny"}, base_dir=tmp_path)
+    ctx = RunContext(cfg, cfg.run_dir, {"stages": {}}, None)
+    with pytest.raises(InputError, match="refusing to write outside the run directory"):
+        ctx.path(name)
+    assert ctx.path("plots/teacher.png") == cfg.run_dir / "plots" / "teacher.png"
+
+
+def test_force_never_deletes_outside_the_run_directory_even_with_a_tampered_manifest(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "precious.txt").write_text("keep me")
+    stage = {"status": "done", "fingerprint": "0" * 16, "artifacts": {"../../precious.txt": "0" * 64}, "metrics": {}}
+    (run_dir / "manifest.json").write_text(json.dumps({"schema_version": 1, "stages": {"teacher": stage}}))
+    proc = run_edgekd("run", "pipeline.yaml", "--force", "teacher", "--only", "teacher", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert _one_line(proc.stderr) == "refusing to write outside the run directory: ../../precious.txt"
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_force_distill_replaces_student_and_keeps_unrelated_files(runs: Runs) -> None:
+    run, before = runs.forced, runs.forced_before
+    assert run.code == 0, run.out + run.err
+    assert "[teacher] up to date" in run.out and "[distill] running" in run.out
+    run_dir = run.run_dir
+    assert (run_dir / "notes.txt").read_text() == "my notes" and (run_dir / "my_model.pt").read_bytes() == b"not edgekd's"
+    assert (run_dir / "student.pt").stat().st_ino != before["student.pt"].st_ino  # a new file took its place
+    assert (run_dir / "teacher.pt").stat().st_ino == before["teacher.pt"].st_ino
+    assert atomic.sha256_file(run_dir / "teacher.pt") == atomic.sha256_file(runs.source / "teacher.pt")
+    assert _manifest(run.folder)["stages"]["distill"]["artifacts"]["student.pt"] == atomic.sha256_file(run_dir / "student.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# NaN guard
+
+
+def test_diverging_distillation_fails_with_exit_3_naming_epoch_and_step_and_keeps_the_teacher(runs: Runs) -> None:
+    import re
+
+    run = runs.diverged
+    assert run.code == 3, run.out + run.err
+    line = _one_line(run.err)
+    assert re.fullmatch(r"distill: loss became (nan|inf|-inf) at epoch 1, step \d+ \(lower the learning rate\?\)", line), line
+    assert "[teacher] up to date" in run.out
+    assert atomic.sha256_file(run.run_dir / "teacher.pt") == runs.diverged_before["teacher_sha"]
+    stages = _manifest(run.folder)["stages"]
+    assert stages["teacher"] == runs.diverged_before["teacher_entry"] and "distill" not in stages
+    assert not [f for f in files_in(run.run_dir) if f in ("student.pt", "student_baseline.pt") or ".tmp-" in f]
+    assert f"[distill] failed: {line}" in (run.run_dir / "log.txt").read_text()
