@@ -408,7 +408,19 @@ def validate_config(raw: Any, source: str = "pipeline.yaml", base_dir: Path | No
     cfg.data.root = _resolve(cfg.data.root, base)
     cfg.data.val_root = _resolve(cfg.data.val_root, base)
     cfg.teacher.checkpoint = _resolve(cfg.teacher.checkpoint, base)
+    _check_paths_exist(cfg, source)
     return cfg
+
+
+def _check_paths_exist(cfg: PipelineConfig, source: str) -> None:
+    """Missing input files are config errors, caught before anything is written."""
+    checkpoint = cfg.teacher.checkpoint
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ConfigError(f"{source}: teacher.checkpoint: no such file: {checkpoint}")
+    for key, folder in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
+        downloadable = key == "data.root" and cfg.data.dataset == "cifar10" and cfg.data.download
+        if folder is not None and not folder.is_dir() and not downloadable:
+            raise ConfigError(f"{source}: {key}: no such folder: {folder}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -203,7 +203,7 @@ CASES = [
     tool_case("cli-missing-config", ["run", "missing.yaml"], r"^missing\.yaml: no such file$"),
     tool_case("cli-config-is-a-folder", ["run", "."], r"^Error: Invalid value for 'CONFIG': File '\.' is a directory", usage=True),
     # -- data: fail when the teacher stage loads them ---------------------------------------------
-    stage_case("data-missing-root", imagefolder(), r"/images: data folder does not exist$"),
+    config_case("data-missing-root", imagefolder(), r"^pipeline\.yaml: data\.root: no such folder: .*/images$"),
     stage_case("data-empty-folder", imagefolder(), r"/images: no class sub-folders \(expected root/<class>/<image>\)$",
                extra=lambda folder: (folder / "images").mkdir()),
     stage_case("data-one-class", imagefolder(), r"/images: needs at least 2 classes with images \(found \['cat'\]\)$",
@@ -220,6 +220,8 @@ CASES = [
     stage_case("model-checkpoint-of-other-architecture", {"teacher": {"checkpoint": "tiny.pt"}},
                r"/tiny\.pt: does not fit the architecture: '.+' has shape \(.+\), the model expects \(.+\)$",
                extra=small_checkpoint("tiny.pt")),
+    config_case("model-checkpoint-missing", {"teacher": {"checkpoint": "nope.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: no such file: .*/nope\.pt$"),
     stage_case("model-checkpoint-truncated", {"teacher": {"checkpoint": "cut.pt"}}, r"/cut\.pt: corrupt or truncated checkpoint",
                extra=truncated_checkpoint),
     stage_case("model-checkpoint-not-a-state-dict", {"teacher": {"checkpoint": "list.pt"}},

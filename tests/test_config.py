@@ -98,12 +98,19 @@ def test_validate_config_defaults_prune_ratio_and_switches_stages_off() -> None:
     assert validate_config({}).prune.ratio == 0.3
 
 
-def test_load_config_resolves_relative_paths_against_the_config_folder(tmp_path: Path) -> None:
+def test_load_config_resolves_relative_paths_against_the_config_folder_and_requires_them_to_exist(tmp_path: Path) -> None:
     folder = tmp_path / "project"
     folder.mkdir()
     (folder / "pipeline.yaml").write_text(
         "name: rel\ndata: {dataset: imagefolder, root: images}\nteacher: {checkpoint: ckpt/teacher.pt}\n"
     )
+    with pytest.raises(ConfigError, match=r"^pipeline.yaml: teacher.checkpoint: no such file: .*ckpt/teacher.pt$"):
+        load_config(folder / "pipeline.yaml")
+    (folder / "ckpt").mkdir()
+    (folder / "ckpt" / "teacher.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^pipeline.yaml: data.root: no such folder: .*project/images$"):
+        load_config(folder / "pipeline.yaml")
+    (folder / "images").mkdir()
     cfg = load_config(folder / "pipeline.yaml")
     assert cfg.data.root == (folder / "images").resolve()
     assert cfg.teacher.checkpoint == (folder / "ckpt" / "teacher.pt").resolve()

@@ -87,7 +87,7 @@ def test_load_data_imagefolder_converts_channels_when_asked(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda root: None, "data folder does not exist"),
+        (lambda root: None, "data.root: no such folder"),
         (lambda root: root.mkdir(), "no class sub-folders"),
         (lambda root: (root / "a").mkdir(parents=True) or (root / "b").mkdir(), "no images found"),
         (lambda root: _make_imagefolder(root, classes=("only",)), "needs at least 2 classes"),
