@@ -1,6 +1,7 @@
 """What a KD epoch costs next to a plain (CE) epoch, measured side by side in one run.
 
     python benchmarks/kd_cost.py [--dataset mnist5k] [--teacher cnn_large] [--student cnn_small] [--repeats 3]
+    python benchmarks/kd_cost.py --config pipeline.yaml [--repeats 3]   # the models, data and distill settings of a pipeline
 
 Three trainings of the same student with the shared loop (`edgekd.training.fit`, augmentation off):
   plain      cross-entropy only (what the baseline student costs)
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from edgekd.config import validate_config
+from edgekd.config import load_config, validate_config
 from edgekd.data import load_data
 from edgekd.losses import CrossEntropyObjective, make_kd_objective
 from edgekd.models import count_parameters, create_model
@@ -46,15 +47,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-epochs", type=int, default=12,
                         help="also report the whole-training ratio for this many epochs (cache fill included)")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    parser.add_argument("--config", type=str, default=None,
+                        help="take data, batch size, teacher/student (with model_kwargs) and the distill settings "
+                             "(lr, schedule, channels_last, ...) from this pipeline.yaml; augmentation off")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be >= 2")
 
-    cfg = validate_config({
-        "data": {"dataset": args.dataset, "batch_size": args.batch_size, "limit": args.limit},
-        "distill": {"epochs": args.epochs, "augment": False, "baseline": False},
-        "prune": None,
-    })
+    teacher_kwargs: dict[str, Any] = {}
+    student_kwargs: dict[str, Any] = {}
+    if args.config:
+        base = load_config(args.config)
+        distill = base.distill.model_dump(mode="json", by_alias=True) if base.distill is not None else {}
+        distill.update(epochs=args.epochs, augment=False, baseline=False, enabled=True)
+        cfg = validate_config({"data": base.data.model_dump(mode="json", by_alias=True), "distill": distill,
+                               "prune": None})
+        args.dataset, args.batch_size = cfg.data.dataset, cfg.data.batch_size
+        args.teacher, teacher_kwargs = base.teacher.model, dict(base.teacher.model_kwargs)
+        args.student, student_kwargs = base.student.model, dict(base.student.model_kwargs)
+    else:
+        cfg = validate_config({
+            "data": {"dataset": args.dataset, "batch_size": args.batch_size, "limit": args.limit},
+            "distill": {"epochs": args.epochs, "augment": False, "baseline": False},
+            "prune": None,
+        })
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -62,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = data.meta
     shape = dict(num_classes=meta.num_classes, in_channels=meta.channels, input_size=meta.height)
     # Timing does not depend on the weights: an untrained teacher runs exactly the same kernels.
-    teacher = create_model(args.teacher, **shape).to(device).eval()
-    student_init = create_model(args.student, **shape).state_dict()
+    teacher = create_model(args.teacher, kwargs=teacher_kwargs, **shape).to(device).eval()
+    student_init = create_model(args.student, kwargs=student_kwargs, **shape).state_dict()
 
     def train(mode: str) -> list[float]:
-        student = create_model(args.student, **shape)
+        student = create_model(args.student, kwargs=student_kwargs, **shape)
         student.load_state_dict(student_init)
         if mode == "plain":
             objective = CrossEntropyObjective()
@@ -94,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": {
             "dataset": args.dataset, "train_samples": len(data.train), "val_samples": len(data.val),
             "input_shape": list(meta.input_shape), "batch_size": args.batch_size,
-            "teacher": args.teacher, "teacher_params": count_parameters(teacher),
-            "student": args.student, "student_params": count_parameters(create_model(args.student, **shape)),
+            "teacher": args.teacher, "teacher_kwargs": teacher_kwargs, "teacher_params": count_parameters(teacher),
+            "student": args.student, "student_kwargs": student_kwargs,
+            "student_params": count_parameters(create_model(args.student, kwargs=student_kwargs, **shape)),
+            "channels_last": cfg.distill.channels_last, "config": args.config,
             "epochs_per_training": args.epochs, "repeats": args.repeats, "device": str(device),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         },
