@@ -8,7 +8,6 @@ Exit codes: 0 ok · 1 budgets breached / regression · 2 bad input · 3 a stage 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,12 +66,6 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
 
     Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
     """
-    # torch's OpenMP threads spin-wait between parallel regions by default. On a machine whose cores are
-    # shared (CI runners, laptops, containers), a spinning thread holds a core that its partner needs, and
-    # small-model training steps stall (up to 10x slower on 2 shared cores, measured); passive waiting costs
-    # nothing measurable on an idle machine. Read once when torch loads, so set here, before any import of it;
-    # an explicit OMP_WAIT_POLICY in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from edgekd.config import load_config
     from edgekd.distributed import launch
 
