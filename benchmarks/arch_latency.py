@@ -4,7 +4,7 @@
                                       [--size 28] [--channels 1] [--rounds 5] [--iterations 200] [--json OUT]
 
 Every model is an EdgeCNN from `edgekd.models.cnn` ("W1,W2,W3xB" = widths, blocks per stage; a trailing "s"
-= depthwise-separable). Untrained weights are fine here: latency and file size do not depend on the values.
+= depthwise-separable, a trailing "/2" = stride-2 first convolution). Untrained weights are fine here: latency and file size do not depend on the values.
 Each model is exported the way the export stage does it (TorchScript exporter, opset 17, dynamic batch),
 pre-processed and quantized with the quantize stage's default recipe for this CPU (static QDQ, per-channel,
 u8 activations / s8 weights, reduce_range from the CPU flags, minmax on 128 random inputs), then every
@@ -32,10 +32,15 @@ from edgekd.runtime.timing import interleaved_benchmark
 
 
 def parse_arch(text: str) -> dict[str, Any]:
-    separable = text.endswith("s")
-    body = text[:-1] if separable else text
+    """'W1,W2,W3xB' [+ 's' for separable] [+ '/2' for a stride-2 first convolution] -> EdgeCNN kwargs."""
+    body, _, stem = text.partition("/")
+    separable = body.endswith("s")
+    body = body[:-1] if separable else body
     widths, _, blocks = body.partition("x")
-    return {"widths": [int(w) for w in widths.split(",")], "blocks": int(blocks or 1), "separable": separable}
+    spec = {"widths": [int(w) for w in widths.split(",")], "blocks": int(blocks or 1), "separable": separable}
+    if stem:
+        spec["stem_stride"] = int(stem)
+    return spec
 
 
 def build(spec: dict[str, Any], channels: int, size: int, classes: int) -> torch.nn.Module:

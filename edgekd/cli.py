@@ -106,12 +106,18 @@ def init(path: Path, force: bool) -> None:
 @main.command()
 def models() -> None:
     """List the model names that teacher.model / student.model accept."""
-    from edgekd.models import available_models
-    from edgekd.models.cnn import CNN_PRESETS
+    import inspect
 
+    from edgekd.models import available_models
+    from edgekd.models.cnn import CNN_PRESETS, EdgeCNN
+
+    supplied = {"self", "num_classes", "in_channels", "input_size"}  # edgekd passes these from the data
+    options = [f"{p.name}={p.default!r}" for p in inspect.signature(EdgeCNN.__init__).parameters.values()
+               if p.name not in supplied]
     for name in available_models():
         preset = CNN_PRESETS.get(name)
-        click.echo(f"{name:24s} {preset if preset else ''}")
+        detail = preset if preset else ("model_kwargs: " + ", ".join(options) if name == "cnn" else "")
+        click.echo(f"{name:24s} {detail}")
 
 
 @main.command()

@@ -111,7 +111,7 @@ class TeacherConfig(_Section):
     model: str = "cnn_large"
     """Registry name (see `edgekd models`), `torchvision:<name>`, or `pkg.module:factory`."""
     model_kwargs: dict[str, Any] = {}
-    """Keyword arguments for the model factory (e.g. {widths: [32, 64, 128]})."""
+    """Keyword arguments for the model factory (e.g. {widths: [32, 64, 128], blocks: 1}; `edgekd models` lists the built-in cnn's)."""
     checkpoint: Path | None = None
     """A state_dict file (.pt/.pth/.safetensors-free torch.save); when absent the teacher is trained here."""
     train: TrainConfig = TrainConfig(epochs=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,55 @@ def test_builtin_family_sizes_are_ordered() -> None:
              for n in ("cnn_large", "cnn_medium", "cnn_small", "cnn_tiny")]
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[0] > 20 * sizes[2]
+
+
+def test_models_command_lists_presets_and_the_cnn_options() -> None:
+    from click.testing import CliRunner
+
+    from edgekd.cli import main
+
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert {"cnn", "cnn_large", "cnn_small_ds", "torchvision:<name>", "<pkg.module>:<factory>"} <= set(lines)
+    assert "stem_stride=1" in lines["cnn"] and "widths=(32, 64, 128)" in lines["cnn"]
+    assert "num_classes" not in lines["cnn"]  # supplied by edgekd from the data, not a model_kwargs option
+
+
+def test_strided_stem_quarters_stage1_pixels_and_keeps_later_feature_maps(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from edgekd.models.structure import record_structure
+    from edgekd.pruning import PruneSettings, prune_channels, resolve_ignored
+
+    torch.manual_seed(0)
+    kwargs = {"widths": [8, 16, 32], "blocks": 1}
+    plain = create_model("cnn", num_classes=10, in_channels=1, input_size=28, kwargs=kwargs).eval()
+    strided = create_model("cnn", num_classes=10, in_channels=1, input_size=28,
+                           kwargs={**kwargs, "stem_stride": 2}).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert plain.stage1(x).shape == (2, 8, 28, 28) and strided.stage1(x).shape == (2, 8, 14, 14)
+        assert plain.stage2(plain.stage1(x)).shape == strided.stage2(strided.stage1(x)).shape == (2, 16, 14, 14)
+    assert count_parameters(plain) == count_parameters(strided)  # same layers, fewer pixels in stage 1
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in strided.stage2.modules())
+    assert strided(torch.randn(1, 1, 8, 8)).shape == (1, 10)  # digits-sized inputs still work
+    with pytest.raises(InputError, match="stem_stride must be 1 or 2"):
+        create_model("cnn", num_classes=10, in_channels=1, input_size=28, kwargs={"stem_stride": 4})
+
+    # pruned, saved with its structure record, restored, exported: identical outputs all the way
+    pruned = prune_channels(strided, x[:1], 0.25, PruneSettings(), resolve_ignored(strided, [])).model.eval()
+    assert pruned.stage1[0][0].out_channels == 6 and pruned.stage1[0][0].stride == (2, 2)
+    path = save_checkpoint(pruned, tmp_path / "pruned.pt", {**model_meta("cnn", {**kwargs, "stem_stride": 2}, "pruned"),
+                                                              "structure": record_structure(pruned)})
+    restored = load_model(path, num_classes=10, in_channels=1, input_size=28)
+    onnx_path = tmp_path / "pruned.onnx"
+    torch.onnx.export(restored, (x,), str(onnx_path), dynamo=False, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    (got,) = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert torch.equal(restored(x), pruned(x))
+        np.testing.assert_allclose(got, pruned(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
