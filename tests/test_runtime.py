@@ -157,6 +157,27 @@ def test_interleaved_benchmark_runs_models_in_round_robin_chunks():
     assert rows["B"][0]["providers"] == ["['xnnpack']"]
 
 
+def test_interleaved_sessions_park_their_workers_after_each_run_only_when_taking_turns(model_path, monkeypatch):
+    key = "session.force_spinning_stop"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: not set
+        session.open_session(model_path, threads=2).get_session_options().get_session_config_entry(key)
+    parked = session.open_session(model_path, threads=2, stop_spinning_after_run=True)
+    assert parked.get_session_options().get_session_config_entry(key) == "1"
+    assert parked.run(None, {"input": np.zeros((1, 1, 28, 28), np.float32)})[0].shape == (1, 10)
+
+    opened: list[bool] = []
+
+    def recording_open(path, threads, providers=None, stop_spinning_after_run=False):
+        opened.append(stop_spinning_after_run)
+        return session.open_session(path, threads, providers, stop_spinning_after_run)
+
+    monkeypatch.setattr(timing, "open_session", recording_open)
+    x = {1: np.zeros((1, 1, 28, 28), np.float32)}
+    timing.interleaved_benchmark({"a": model_path, "b": model_path}, x, threads_list=[2], warmup=1, iterations=2)
+    timing.interleaved_benchmark({"a": model_path}, x, threads_list=[2], warmup=1, iterations=2)
+    assert opened == [True, True, False]  # several models take turns; a lone model keeps ORT's default
+
+
 def test_interleaved_benchmark_gives_one_row_per_threads_and_batch(model_path):
     rows = timing.interleaved_benchmark(
         {"m": model_path}, {1: np.zeros((1, 1, 28, 28), np.float32), 3: np.zeros((3, 1, 28, 28), np.float32)},

@@ -104,12 +104,15 @@ def _check_external_data(path: Path) -> None:
 
 
 def open_session(model_path: str | os.PathLike, threads: int = 1,
-                 providers: Sequence[str] | None = None) -> ort.InferenceSession:
+                 providers: Sequence[str] | None = None, stop_spinning_after_run: bool = False) -> ort.InferenceSession:
     """Open `model_path` with explicit threading; `session.get_providers()` tells which EPs really ran.
 
     Threads are always set: ORT otherwise sizes its pool from the host's cores, not the container quota.
     With XNNPACK the work runs on XNNPACK's own pool, so (as ORT's docs recommend) its pool gets the
     threads, the ORT intra-op pool gets 1 and spinning is off, to avoid two pools fighting for cores.
+    `stop_spinning_after_run` parks the intra-op workers when a run ends (they still spin inside it): for
+    several multi-threaded sessions used in turn, whose idle workers would otherwise spin for ~60 ms after
+    each run and take the cores from the next session.
     """
     path = Path(model_path)
     if not path.is_file():
@@ -136,6 +139,8 @@ def open_session(model_path: str | os.PathLike, threads: int = 1,
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
         options.intra_op_num_threads = threads
+    if stop_spinning_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
 
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=provider_entries)
