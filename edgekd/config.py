@@ -258,7 +258,8 @@ class BenchmarkConfig(_Section):
     iterations: int = Field(200, ge=5)
     """Timed runs per model and setting (interleaved across models)."""
     chunk: int = Field(10, ge=1)
-    """Runs per model before moving to the next (round-robin interleaving)."""
+    """Runs per model before moving to the next (round-robin interleaving; between turns each session parks
+    its thread-pool workers, so one model's idle threads never slow the next)."""
     memory: bool = True
     """Measure peak memory per model in a fresh process."""
     torch_reference: bool = True

@@ -45,7 +45,8 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    # a table cell is one line: a docstring wrapped over several lines reads as one paragraph
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _section(model: type[BaseModel], prefix: str, out: list[str], seen: set[str]) -> None:
