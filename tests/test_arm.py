@@ -22,25 +22,12 @@ LABELS = [f"class_{i}" for i in range(10)]
 def make_tiny_model(path: Path, channels: int = 3, size: int = 8, classes: int = 10, seed: int = 0) -> None:
     """Conv+Relu+GlobalAveragePool+Flatten+Gemm, `input` [N,C,H,W] (dynamic N) -> `logits` [N,classes]."""
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx_models import conv_classifier
 
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, channels, 3, 3)).astype(np.float32), "conv_w"),
-             numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "conv_b"),
-             numpy_helper.from_array(rng.normal(0, 1.0, (classes, 8)).astype(np.float32), "fc_w"),
-             numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "fc_b")]
-    nodes = [helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"], axis=1),
-             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by every onnxruntime this project pins (>= 1.18), the emulated 1.26 too
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    conv_w, conv_b = rng.normal(0, 0.5, (8, channels, 3, 3)), rng.normal(0, 0.1, 8)
+    fc_w, fc_b = rng.normal(0, 1.0, (classes, 8)), rng.normal(0, 0.1, classes)
+    onnx.save(conv_classifier(conv_w, conv_b, fc_w.T, fc_b, size), str(path))
 
 
 def make_bundle(root: Path, samples: int = 64, seed: int = 0) -> Path:

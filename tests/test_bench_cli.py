@@ -12,29 +12,11 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")  # only to build the test model
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx_models import tiny_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # `-X importtime` lists every module the process imported ("import time: self | cumulative | name").
 IMPORTED_TORCH = re.compile(r"^import time:.*\|\s+torch(\.|\s*$)", re.MULTILINE)
-
-
-def tiny_classifier() -> onnx.ModelProto:
-    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm on [batch, 1, 8, 8] -> logits [batch, 3]."""
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "W"),
-               numpy_helper.from_array(rng.standard_normal((2, 3)).astype(np.float32), "G")]
-    nodes = [helper.make_node("Conv", ["input", "W"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Gemm", ["f", "G"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +25,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     rng = np.random.default_rng(1)
     paths = {"model": folder / "tiny.onnx", "data": folder / "eval.npz", "bad_data": folder / "rgb.npz",
              "not_onnx": folder / "notes.onnx"}
-    onnx.save(tiny_classifier(), str(paths["model"]))
+    onnx.save(tiny_classifier(hidden=2, classes=3, size=8), str(paths["model"]))
     labels = rng.integers(0, 3, 12).astype(np.int64)
     np.savez(paths["data"], inputs=rng.standard_normal((12, 1, 8, 8)).astype(np.float32), labels=labels,
              teacher_predictions=labels)

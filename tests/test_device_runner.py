@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")  # only to build the test model
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from onnx_models import tiny_classifier  # noqa: E402
 
 from edgekd.runtime import bundle, device_report  # noqa: E402
 from edgekd.runtime.errors import RuntimeInputError  # noqa: E402
@@ -20,26 +21,6 @@ from edgekd.runtime.evaluate import accuracy, agreement  # noqa: E402
 from edgekd.runtime.session import XNNPACK_PROVIDER, open_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def build_classifier() -> onnx.ModelProto:
-    """Conv+Relu+GlobalAveragePool+Flatten+Gemm on [batch, 1, 28, 28] -> logits [batch, 10]."""
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "W"),
-               numpy_helper.from_array(np.zeros(4, np.float32), "B"),
-               numpy_helper.from_array(rng.standard_normal((4, 10)).astype(np.float32), "G"),
-               numpy_helper.from_array(np.zeros(10, np.float32), "GB")]
-    nodes = [helper.make_node("Conv", ["input", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Gemm", ["f", "G", "GB"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def run_runner(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -54,7 +35,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     """What the pipeline writes to runs/<name>/deploy/, copied to a fresh folder outside the repo."""
     folder = tmp_path_factory.mktemp("board") / "deploy"
     folder.mkdir()
-    onnx.save(build_classifier(), str(folder / "model.onnx"))
+    onnx.save(tiny_classifier(), str(folder / "model.onnx"))
     rng = np.random.default_rng(3)
     np.savez(folder / "eval.npz", inputs=rng.standard_normal((30, 1, 28, 28)).astype(np.float32),
              labels=rng.integers(0, 10, 30).astype(np.int64),

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")  # only to build test models; the runtime itself never imports it
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from onnx_models import tiny_classifier  # noqa: E402
 
 from edgekd.runtime import cpu, evaluate, memory, mobile, peak, proto, session, timing  # noqa: E402
 from edgekd.runtime.bench import bench_model, format_table  # noqa: E402
@@ -23,38 +24,10 @@ RUNTIME_MODULES = ["errors", "proto", "session", "timing", "evaluate", "memory",
                    "bench", "device_runner", "device_report", "bundle"]
 
 
-def build_classifier(batch: int | str = "batch", quantize_input: bool = False) -> onnx.ModelProto:
-    """Conv+Relu+GlobalAveragePool+Flatten+Gemm on [batch, 1, 28, 28] -> logits [batch, 10]."""
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "W"),
-               numpy_helper.from_array(np.zeros(4, np.float32), "B"),
-               numpy_helper.from_array(rng.standard_normal((4, 10)).astype(np.float32), "G"),
-               numpy_helper.from_array(np.zeros(10, np.float32), "GB")]
-    nodes, first = [], "input"
-    if quantize_input:  # a QDQ pair, like the quantize stage inserts
-        weights += [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-                    numpy_helper.from_array(np.array(0, np.uint8), "z")]
-        nodes += [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
-                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])]
-        first = "dq"
-    nodes += [helper.make_node("Conv", [first, "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-              helper.make_node("Relu", ["c"], ["r"]),
-              helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-              helper.make_node("Flatten", ["p"], ["f"]),
-              helper.make_node("Gemm", ["f", "G", "GB"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.onnx"
-    onnx.save(build_classifier(), str(path))
+    onnx.save(tiny_classifier(), str(path))
     return path
 
 
@@ -220,7 +193,7 @@ def test_check_input_rejects_wrong_shape_and_dtype(model_path):
 
 
 def test_open_session_loads_external_data_only_from_beside_the_model(tmp_path):
-    model = build_classifier()
+    model = tiny_classifier()
     inside = tmp_path / "inside"
     inside.mkdir()
     onnx.save(model, str(inside / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -254,7 +227,7 @@ def test_read_model_summary_counts_ops_including_subgraphs(tmp_path):
     assert dict(summary.op_counts) == {"Identity": 1, "If": 1, "Relu": 1, "Sigmoid": 1}
     assert summary.opsets == {"": 17, "com.microsoft": 1}
     truncated = tmp_path / "cut.onnx"
-    truncated.write_bytes(build_classifier().SerializeToString()[:200])
+    truncated.write_bytes(tiny_classifier().SerializeToString()[:200])
     with pytest.raises(proto.ProtoError):
         proto.read_model_summary(truncated)
 
@@ -339,7 +312,7 @@ def test_parse_cpuinfo_names_arm_cores_and_features():
 
 def test_operator_summary_counts_quantized_nodes(tmp_path):
     path = tmp_path / "qdq.onnx"
-    onnx.save(build_classifier(quantize_input=True), str(path))
+    onnx.save(tiny_classifier(quantize_input=True), str(path))
     summary = mobile.operator_summary(path)
     assert summary["op_counts"]["QuantizeLinear"] == 1 and summary["quantized_nodes"] == 2
     assert summary["node_count"] == 7 and summary["opsets"] == {"": 17}
@@ -395,7 +368,7 @@ def test_bench_model_reports_rows_accuracy_and_memory(model_path, eval_npz):
 
 def test_bench_model_skips_batches_a_fixed_batch_model_cannot_take(tmp_path):
     path = tmp_path / "fixed.onnx"
-    onnx.save(build_classifier(batch=1), str(path))
+    onnx.save(tiny_classifier(batch=1), str(path))
     result = bench_model(path, threads=[1], batches=[1, 4], warmup=1, iterations=3, mobile=False, memory=False)
     assert [r["batch"] for r in result["rows"]] == [1]
     assert result["accuracy"] is None and "batch 4 skipped" in result["notes"][0]
