@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgekd import quantization as qz
+from edgekd.stages.quantize import quantization as qz
 from edgekd.models.cnn import EdgeCNN
-from edgekd.onnx_export import count_macs, export_onnx
+from edgekd.stages.export.exporter import count_macs, export_onnx
 from edgekd.runtime.timing import interleaved_benchmark
 
 

@@ -3,7 +3,7 @@
     python benchmarks/kd_cost.py [--dataset mnist5k] [--teacher cnn_large] [--student cnn_small] [--repeats 3]
     python benchmarks/kd_cost.py --config pipeline.yaml [--repeats 3]   # the models, data and distill settings of a pipeline
 
-Three trainings of the same student with the shared loop (`edgekd.training.fit`, augmentation off):
+Three trainings of the same student with the shared loop (`edgekd.train.loop.fit`, augmentation off):
   plain      cross-entropy only (what the baseline student costs)
   kd_cached  KD with the teacher-logit cache (teacher runs once per sample, in epoch 1)
   kd_live    KD running the teacher on every batch (what augmentation or a hint costs)
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from edgekd.config import load_config, validate_config
-from edgekd.data import load_data
-from edgekd.losses import CrossEntropyObjective, make_kd_objective
+from edgekd.data.bundle import load_data
+from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective
 from edgekd.models import count_parameters, create_model
-from edgekd.training import fit, resolve_device
+from edgekd.train.loop import fit, resolve_device
 
 TARGET = 1.3
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         base = load_config(args.config)
         distill = base.distill.model_dump(mode="json", by_alias=True) if base.distill is not None else {}
-        distill.update(epochs=args.epochs, augment=False, baseline=False, enabled=True)
+        distill.update(epochs=args.epochs, augment=False, baseline=False)
         cfg = validate_config({"data": base.data.model_dump(mode="json", by_alias=True), "distill": distill,
                                "prune": None})
         args.dataset, args.batch_size = cfg.data.dataset, cfg.data.batch_size
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "plain":
             objective = CrossEntropyObjective()
         else:
-            objective = make_kd_objective(cfg, teacher, data, device)
+            objective = make_kd_objective(cfg.distill.kd(), teacher, data, device, augment=cfg.distill.augment)
             if mode == "kd_live":
                 objective.cache = None
         result = fit(student, data, cfg.distill, device=device, seed=0, objective=objective,

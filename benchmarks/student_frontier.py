@@ -32,15 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from arch_latency import parse_arch  # noqa: E402
 
-from edgekd import quantization as qz  # noqa: E402
+from edgekd.stages.quantize import quantization as qz  # noqa: E402
 from edgekd.config import load_config  # noqa: E402
-from edgekd.data import load_data  # noqa: E402
-from edgekd.losses import CrossEntropyObjective, make_kd_objective  # noqa: E402
+from edgekd.data.bundle import load_data  # noqa: E402
+from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective  # noqa: E402
 from edgekd.models import create_model, load_model  # noqa: E402
-from edgekd.onnx_export import count_macs, export_onnx  # noqa: E402
+from edgekd.stages.export.exporter import count_macs, export_onnx  # noqa: E402
 from edgekd.runtime.timing import interleaved_benchmark  # noqa: E402
 from edgekd.stages.quantize import calibration_inputs  # noqa: E402
-from edgekd.training import fit, resolve_device  # noqa: E402
+from edgekd.train.loop import fit, resolve_device  # noqa: E402
 
 
 def top1(path: Path, inputs: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in modes:
                     torch.manual_seed(seed)
                     student = create_model("cnn", kwargs=kwargs, **shape)
-                    objective = (make_kd_objective(cfg, teacher, data, device) if mode == "kd"
+                    objective = (make_kd_objective(cfg.distill.kd(), teacher, data, device, augment=cfg.distill.augment) if mode == "kd"
                                  else CrossEntropyObjective(cfg.distill.label_smoothing))
                     started = time.perf_counter()
                     fit(student, data, cfg.distill, device=device, seed=seed, objective=objective,

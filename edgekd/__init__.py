@@ -19,7 +19,8 @@ def load_config(path, overrides=None):  # noqa: ANN001, ANN201 - thin lazy wrapp
 
 
 def run(config, **options):  # noqa: ANN001, ANN201 - thin lazy wrapper
-    """Run the pipeline for a config (path or PipelineConfig); see edgekd.pipeline.run_pipeline."""
-    from edgekd.pipeline import run_pipeline
+    """Run the pipeline for a config (path or PipelineConfig); see edgekd.runner.loop.run_pipeline."""
+    from edgekd.config import PipelineConfig, load_config
+    from edgekd.runner.launch import launch
 
-    return run_pipeline(config, **options)
+    return launch(config if isinstance(config, PipelineConfig) else load_config(config), **options)

@@ -17,8 +17,7 @@ import click
 
 from edgekd import __version__
 from edgekd.errors import EdgekdError
-
-STAGE_NAMES = ("teacher", "distill", "prune", "export", "quantize", "benchmark", "report")
+from edgekd.runner.contract import STAGES
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,9 +52,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every stage after it.")
-@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if it is up to date (repeatable).")
-@click.option("--only", multiple=True, type=click.Choice(STAGE_NAMES), help="Run only these stages (repeatable); earlier ones must be up to date.")
+@click.option("--from", "from_stage", type=click.Choice(STAGES), help="Rerun this stage and every stage after it.")
+@click.option("--force", multiple=True, type=click.Choice(STAGES), help="Rerun this stage even if it is up to date (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable); earlier ones must be up to date.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: output_dir from the config).")
 @click.option("--device", help="Override the config's device: auto, cpu, cuda, cuda:N.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the budget verdicts as JUnit XML.")
@@ -67,7 +66,7 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
     Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
     """
     from edgekd.config import load_config
-    from edgekd.distributed import launch
+    from edgekd.runner.launch import launch
 
     overrides = {"device": device} if device is not None else None
     cfg = load_config(config, overrides)  # --device goes through the same validation as the config field
@@ -75,12 +74,11 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
     if outcome is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     if junit is not None:
-        from edgekd.budgets import write_junit_for_report
+        from edgekd.gate.junit import write_junit_for_report
 
         write_junit_for_report(outcome.run_dir / "report.json", junit)
     if not outcome.budgets_passed:
-        report = outcome.manifest.get("stages", {}).get("report", {}).get("metrics", {})
-        for budget in report.get("budgets", []):
+        for budget in outcome.manifest.metrics("report").get("budgets", []):
             if not budget.get("passed"):
                 click.echo(f"budget breached: {budget.get('message')}", err=True)
         sys.exit(1)
@@ -179,7 +177,7 @@ def report(run_dir: Path, merge: tuple[Path, ...]) -> None:
 
     Exits 0 when every budget is met, 1 when one is breached, 2 on bad input.
     """
-    from edgekd.budgets import verdict_lines
+    from edgekd.gate.budgets import verdict_lines
     from edgekd.report.render import render_run_dir
 
     result = render_run_dir(run_dir, list(merge))
@@ -208,7 +206,8 @@ def check(report_json: Path, budgets_file: Path | None, artifact: str | None, ju
     Budgets: the report's own, replaced by --budgets FILE, then overridden by the flags.
     Exits 0 when every budget is met, 1 when one is breached, 2 on bad input.
     """
-    from edgekd.budgets import budgets_of_report, evaluate_report, load_budgets_file, load_report, normalize_budgets, verdict_lines
+    from edgekd.gate.budgets import (budgets_of_report, evaluate_report, load_budgets_file, load_report,
+                                     normalize_budgets, verdict_lines)
 
     data = load_report(report_json)
     budgets = load_budgets_file(budgets_file) if budgets_file else budgets_of_report(data)
@@ -216,7 +215,7 @@ def check(report_json: Path, budgets_file: Path | None, artifact: str | None, ju
     budgets = normalize_budgets({**budgets, **overrides}, "budgets")
     verdicts = evaluate_report(data, budgets, artifact)
     if junit is not None:
-        from edgekd.report.junit import budget_cases, write_junit
+        from edgekd.gate.junit import budget_cases, write_junit
 
         write_junit(junit, "edgekd.check", budget_cases(verdicts, "edgekd.check"))
     if not verdicts:
@@ -255,8 +254,8 @@ def compare(base: Path, new: Path, max_latency_regression: str, max_accuracy_dro
     Exits 0 when nothing regressed, 1 on a regression, 4 when inconclusive (the measurements' noise is
     larger than the threshold: rerun on a quieter machine or with more iterations), 2 on bad input.
     """
-    from edgekd.budgets import compare_reports, load_report
-    from edgekd.report.compare import format_comparison, parse_fraction
+    from edgekd.gate.budgets import load_report
+    from edgekd.gate.compare import compare_reports, format_comparison, parse_fraction
 
     result = compare_reports(
         load_report(base), load_report(new), max_latency_regression=parse_fraction(max_latency_regression, "--max-latency-regression"),
@@ -268,7 +267,7 @@ def compare(base: Path, new: Path, max_latency_regression: str, max_accuracy_dro
         click.echo(("!" * 78 + "\n" if warning.startswith("WARNING") else "") + warning, err=True)
     click.echo(format_comparison(result))
     if junit is not None:
-        from edgekd.report.junit import write_junit
+        from edgekd.gate.junit import write_junit
 
         status = {"ok": "passed", "regression": "failed", "inconclusive": "skipped"}
         cases = [{"name": f"{r['artifact']} {r['metric']}", "classname": "edgekd.compare", "status": status[r["verdict"]],
@@ -300,7 +299,7 @@ def arm_check_command(run_dir: Path, samples: int | None, cpu: str | None, cache
     Exits 0 when aarch64 agrees with x86, 1 when it does not (or the bundle's run_on_device.py fails under
     emulation), 2 on bad input, 3 when emulation cannot be set up here (0 with --skip-unavailable).
     """
-    from edgekd.armcheck import ArmUnavailable, arm_check, summary
+    from edgekd.gate.armcheck import ArmUnavailable, arm_check, summary
 
     try:
         result = arm_check(run_dir, cache_dir=cache_dir, samples=samples, cpu=cpu)

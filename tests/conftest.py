@@ -56,3 +56,16 @@ def run_edgekd(*args: str, cwd: Path | None = None, timeout: float = 600, env: d
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_config(tmp_path)
+
+
+def run_stage(module: Any, cfg: Any, manifest: Any) -> Any:
+    """Plan and run one stage module alone, as the runner would, on a hand-made manifest (dict or Manifest)."""
+    from edgekd.runner.contract import Manifest
+    from edgekd.runner.loop import context_for
+
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(manifest, "test manifest")
+    plan = module.plan(cfg)
+    ctx = context_for(cfg, manifest)
+    ctx.stage, ctx.depends_on = module.NAME, plan.depends_on
+    return module.run(plan.settings, ctx)

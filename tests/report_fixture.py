@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.runner.contract import Manifest
+
 MODELS = {"teacher": ("teacher.onnx", 96), "student": ("student.onnx", 24), "student_baseline": ("student_baseline.onnx", 24),
           "pruned": ("pruned.onnx", 16), "int8": ("model.int8.onnx", 8)}
 P50 = {"teacher": 0.40, "student": 0.12, "student_baseline": 0.12, "pruned": 0.10, "int8": 0.06}
@@ -77,7 +79,7 @@ def benchmark_metrics(run_dir: Path, p50: dict[str, float], accuracy: dict[str, 
 
 def make_manifest(run_dir: Path, *, p50: dict[str, float] | None = None, accuracy: dict[str, float] | None = None,
                   int8_deployable: bool = True, with_int8: bool = True, with_baseline: bool = True,
-                  spread: float = 0.03, environment: dict[str, Any] | None = None) -> dict[str, Any]:
+                  spread: float = 0.03, environment: dict[str, Any] | None = None) -> Manifest:
     """The manifest of a finished run up to benchmark (model files are read for sizes when they exist)."""
     p50 = {**P50, **(p50 or {})}
     accuracy = {**ACCURACY, **(accuracy or {})}
@@ -121,9 +123,9 @@ def make_manifest(run_dir: Path, *, p50: dict[str, float] | None = None, accurac
     artifacts = {"teacher": sha("teacher.onnx"),
                  "export": sha(*[MODELS[n][0] for n in names if n != "int8"], "eval.npz", "pruned.ort"),
                  "quantize": sha("model.int8.onnx")}
-    return {"schema_version": 1, "stages": {
+    return Manifest.from_json({"schema_version": 1, "stages": {
         stage: {"status": "done", "fingerprint": "f" * 16, "config": {}, "artifacts": artifacts.get(stage, {}),
-                "metrics": metrics, "summary": ""} for stage, metrics in stages.items()}}
+                "metrics": metrics, "summary": ""} for stage, metrics in stages.items()}}, "test manifest")
 
 
 def make_run(tmp_path: Path, *, name: str = "fixture-run", budgets: dict[str, Any] | None = None,
@@ -140,7 +142,7 @@ def make_run(tmp_path: Path, *, name: str = "fixture-run", budgets: dict[str, An
              labels=rng.integers(0, 4, 16).astype(np.int64))
     (run_dir / "pruned.ort").write_bytes(b"fake ort flatbuffer")  # the export stage's .ort copy
     manifest = make_manifest(run_dir, **options)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (run_dir / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2))
     # config.yaml is what `edgekd report` falls back to when the report stage never ran (JSON is valid YAML).
     (run_dir / "config.yaml").write_text(json.dumps({"name": name, "budgets": budgets or {}, "report": report or {}}))
     return run_dir

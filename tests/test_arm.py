@@ -1,4 +1,4 @@
-"""Emulated aarch64 check (edgekd.armcheck): output comparison logic, and a real qemu run on a tiny bundle.
+"""Emulated aarch64 check (edgekd.gate.armcheck): output comparison logic, and a real qemu run on a tiny bundle.
 
 The emulated test builds/uses the cache in $EDGEKD_ARM_CACHE (default ~/.cache/edgekd/arm64); a cold
 cache costs about a minute of downloads, a warm run ~20 s. It is skipped, with the reason, only when
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd import armcheck
-from edgekd.armcheck import ArmUnavailable, compare_outputs, judge
+from edgekd.gate import armcheck
+from edgekd.gate.armcheck import ArmUnavailable, compare_outputs, judge
 
 LABELS = [f"class_{i}" for i in range(10)]
 

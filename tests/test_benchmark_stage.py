@@ -13,12 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from conftest import TINY_CONFIG, deep_merge  # noqa: E402
-from edgekd import benchmarking as bm  # noqa: E402
+from conftest import TINY_CONFIG, deep_merge, run_stage  # noqa: E402
+from edgekd.stages.benchmark import measure as bm  # noqa: E402
 from edgekd.config import validate_config  # noqa: E402
 from edgekd.models import count_parameters, create_model, model_meta  # noqa: E402
 from edgekd.models.checkpoint import save_checkpoint  # noqa: E402
-from edgekd.pipeline import RunContext  # noqa: E402
 from edgekd.stages import benchmark  # noqa: E402
 
 NUM_CLASSES, SIZE = 4, 16
@@ -77,7 +76,7 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
         "export": {"status": "done", "artifacts": {"teacher.onnx": "-", "student.onnx": "-", "eval.npz": "-"},
                    "metrics": {"models": {"teacher": info("teacher", "cnn_small"), "student": info("student", "cnn_tiny")}}},
         "quantize": {"status": "done", "artifacts": {"model.int8.onnx": "-"},
-                     "metrics": {"artifact_name": "int8", "source": "student"}},
+                     "metrics": {"artifact_name": "int8", "source": "student", "path": "model.int8.onnx"}},
     }}
 
 
@@ -92,9 +91,7 @@ def _config(run_dir: Path, budgets: dict[str, Any] | None = None, **benchmark_op
 def metrics(run_dir, tmp_path_factory) -> dict[str, Any]:
     """One full stage run (memory, torch reference and mobile checks on) shared by the assertions below."""
     cfg = _config(run_dir, memory=True, torch_reference=True)
-    ctx = RunContext(cfg, run_dir, _manifest(run_dir), None)
-    ctx.stage = benchmark.NAME
-    result = benchmark.run(cfg, ctx)
+    result = run_stage(benchmark, cfg, _manifest(run_dir))
     assert result.artifacts == []  # metrics only: the stage writes no files
     return result.metrics
 
@@ -162,32 +159,21 @@ def test_benchmark_leaves_out_int8_when_quantize_is_off(run_dir, monkeypatch):
     cfg.quantize = None
     manifest = _manifest(run_dir)
     del manifest["stages"]["quantize"]
-    ctx = RunContext(cfg, run_dir, manifest, None)
-    metrics = benchmark.run(cfg, ctx).metrics
+    metrics = run_stage(benchmark, cfg, manifest).metrics
     assert [r["name"] for r in metrics["artifacts"]] == ["teacher", "student"]
     assert metrics["torch_reference"] == [] and metrics["mobile"] == {"student": {"stub": "student"}}
     # no batch-1 measurement: samples come from the budget setting, the overhead factor is unknown
     student = metrics["artifacts"][1]
     assert student["latency_samples_setting"] == {"threads": 1, "batch": 2} and student["overhead_factor"] is None
     assert student["compute_bound_ms"] > 0 and student["peak_memory_bytes"] is None
-    assert benchmark.depends_on(cfg) == ["export"]
-
-
-def test_collect_artifacts_accepts_export_rows_as_a_list(tmp_path):
-    for name in ("teacher.onnx", "pruned.onnx", "q.onnx"):
-        (tmp_path / name).write_bytes(b"x")
-    export = {"models": [{"name": "pruned", "params": 10, "macs": 100}, {"name": "teacher", "params": 20, "macs": 200}]}
-    quantize = {"artifact_name": "int8_dynamic", "source": "pruned", "path": "q.onnx"}
-    artifacts = bm.collect_artifacts(export, quantize, lambda file: tmp_path / file)
-    assert [(a.name, a.kind, a.file, a.params, a.macs) for a in artifacts] == [
-        ("teacher", "fp32", "teacher.onnx", 20, 200), ("pruned", "fp32", "pruned.onnx", 10, 100),
-        ("int8_dynamic", "int8", "q.onnx", 10, 100)]
+    assert benchmark.plan(cfg).depends_on == ("export",)
 
 
 def test_config_view_and_dependencies_follow_the_config(run_dir):
     cfg = _config(run_dir)
-    assert benchmark.depends_on(cfg) == ["export", "quantize"]
-    view = benchmark.config_view(cfg)
+    plan = benchmark.plan(cfg)
+    assert plan.depends_on == ("export", "quantize")
+    view = plan.view
     assert view["benchmark"]["threads"] == THREADS and view["budgets"] == {"latency_threads": 1, "latency_batch": 1}
 
 
@@ -196,17 +182,8 @@ def test_benchmark_rejects_an_unknown_provider_as_bad_input_before_measuring(run
 
     cfg = _config(run_dir, providers=["warpdrive"])
     with pytest.raises(InputError, match="benchmark.providers: execution provider 'warpdrive' is not available") as info:
-        benchmark.run(cfg, RunContext(cfg, run_dir, _manifest(run_dir), None))
+        run_stage(benchmark, cfg, _manifest(run_dir))
     assert info.value.exit_code == 2
-
-
-def test_benchmark_finds_models_from_export_artifacts_when_metrics_list_none(run_dir):
-    manifest = _manifest(run_dir)
-    manifest["stages"]["export"]["metrics"] = {}
-    ctx = RunContext(_config(run_dir), run_dir, manifest, None)
-    artifacts = bm.collect_artifacts(benchmark._exported(ctx), None, ctx.artifact)
-    assert [(a.name, a.file, a.macs) for a in artifacts] == [("teacher", "teacher.onnx", None),
-                                                            ("student", "student.onnx", None)]
 
 
 def test_measure_peaks_never_lets_more_threads_lower_the_floor(monkeypatch):

@@ -40,7 +40,7 @@ BAD_CONFIGS = [
     ({"distill": {"hint": {"teacher_layer": "stage2"}}}, "pipeline.yaml: distill.hint.student_layer: required"),
     ({"data": {"batch_size": 0}}, "pipeline.yaml: data.batch_size: must be > 0 (got 0)"),
     ({"teacher": "cnn_large"}, "pipeline.yaml: teacher: must be a mapping of settings (got 'cnn_large')"),
-    ({"quantize": {"mode": "int4"}}, "pipeline.yaml: quantize.mode: must be one of 'static', 'dynamic' or 'none' (got 'int4')"),
+    ({"quantize": {"mode": "int4"}}, "pipeline.yaml: quantize.mode: must be one of 'static' or 'dynamic' (got 'int4')"),
     ({"budgets": {"min_accuracy": 2}}, "pipeline.yaml: budgets.min_accuracy: must be <= 1 (got 2)"),
 ]
 
@@ -92,10 +92,26 @@ def test_validate_config_coerces_yes_no_strings_for_boolean_fields() -> None:
     assert cfg.prune.global_pruning is True
 
 
-def test_validate_config_defaults_prune_ratio_and_switches_stages_off() -> None:
-    cfg = validate_config({"prune": None, "quantize": {"mode": "none"}, "distill": {"enabled": False}})
-    assert not cfg.prune_enabled and not cfg.quantize_enabled and not cfg.distill_enabled
+def test_validate_config_defaults_prune_ratio_and_switches_stages_off_with_null() -> None:
+    from edgekd.stages import distill, prune, quantize
+
+    cfg = validate_config({"prune": None, "quantize": None, "distill": None})
+    assert [stage.plan(cfg) for stage in (distill, prune, quantize)] == [None, None, None]
     assert validate_config({}).prune.ratio == 0.3
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"distill": {"enabled": False}},
+     "pipeline.yaml: distill.enabled: not a setting; switch the stage off with `distill: null` (or delete the key to keep it on)"),
+    ({"prune": {"enabled": True}},
+     "pipeline.yaml: prune.enabled: not a setting; switch the stage off with `prune: null` (or delete the key to keep it on)"),
+    ({"quantize": {"mode": "none"}},
+     "pipeline.yaml: quantize.mode: 'none' is not a mode; switch the stage off with `quantize: null`"),
+])
+def test_validate_config_points_other_off_switches_to_null(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    assert str(info.value) == message and info.value.exit_code == 2
 
 
 def test_load_config_resolves_relative_paths_against_the_config_folder_and_requires_them_to_exist(tmp_path: Path) -> None:

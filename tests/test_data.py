@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from edgekd.config import validate_config
-from edgekd.data import load_data
+from edgekd.data.bundle import load_data
 from edgekd.errors import InputError
 
 

@@ -53,13 +53,14 @@ def device_run(bundle_dir) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, json.loads((bundle_dir / "device.json").read_text())
 
 
-def test_bundle_runner_script_is_the_repository_script():
-    assert bundle.RUNNER_SCRIPT == (REPO / "deploy" / "run_on_device.py").read_text(encoding="utf-8")
+def test_bundle_runner_script_is_the_packaged_script(bundle_dir):
+    shipped = (REPO / "edgekd" / "runtime" / "run_on_device.py").read_bytes()
+    assert (bundle_dir / "run_on_device.py").read_bytes() == shipped
 
 
 def test_install_device_runner_copies_the_runtime_package(bundle_dir):
     copied = {p.name for p in (bundle_dir / "edgekd_runtime").glob("*.py")}
-    shipped = {p.name for p in (REPO / "edgekd" / "runtime").glob("*.py")}
+    shipped = {p.name for p in (REPO / "edgekd" / "runtime").glob("*.py")} - {"run_on_device.py"}
     assert copied == shipped and "device_runner.py" in copied
     assert os.access(bundle_dir / "run_on_device.py", os.X_OK)
 
@@ -138,7 +139,7 @@ def test_device_runner_exits_2_on_a_file_that_is_not_onnx(bundle_dir, tmp_path):
 
 
 def test_repository_runner_falls_back_to_the_edgekd_package(bundle_dir, tmp_path):
-    proc = run_runner(REPO / "deploy" / "run_on_device.py", "--model", f"int8={bundle_dir / 'model.onnx'}",
+    proc = run_runner(REPO / "edgekd" / "runtime" / "run_on_device.py", "--model", f"int8={bundle_dir / 'model.onnx'}",
                       "--no-data", "--no-memory", "--threads", "1", "--iterations", "3", "--warmup", "1",
                       "--out", str(tmp_path / "out" / "device.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

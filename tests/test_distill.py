@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from edgekd import pipeline
+from edgekd.runner import loop as pipeline
 from edgekd.config import validate_config
-from edgekd.data import load_data
+from edgekd.data.bundle import load_data
 from edgekd.errors import ConfigError, InputError
-from edgekd.hints import FeatureHint, build_hint
-from edgekd.losses import make_kd_objective
+from edgekd.train.hints import FeatureHint, build_hint
+from edgekd.train.objectives import make_kd_objective
 from edgekd.models import create_model
 from edgekd.stages import distill
-from edgekd.training import fit
+from edgekd.train.loop import fit
 
 CPU = torch.device("cpu")
 
@@ -38,7 +38,7 @@ def _raw(tmp_path: Path | None = None, **distill_settings: Any) -> dict[str, Any
         "student": {"model": "cnn", "model_kwargs": {"widths": [8, 16], "blocks": 1}},
         "distill": {"epochs": 6, "lr": 0.02, "augment": False, "temperature": 4.0, "alpha": 0.1, **distill_settings},
         "prune": None,
-        "quantize": {"mode": "none"},
+        "quantize": None,
     }
     if tmp_path is not None:
         raw["output_dir"] = str(tmp_path / "run")
@@ -84,7 +84,7 @@ def test_build_hint_lists_valid_modules_when_layer_unknown(role: str) -> None:
     data = load_data(cfg.data, seed=0)
     teacher, student = _models(cfg, data)
     with pytest.raises(InputError) as info:
-        build_hint(cfg, teacher, student, data, CPU)
+        build_hint(cfg.distill.hint, teacher, student, data, CPU)
     assert str(info.value).startswith(
         f"distill.hint.{role}_layer: no module 'x' in the {role} (valid: stage1, stage1.0, stage1.0.0, "
     )
@@ -119,9 +119,9 @@ def test_feature_hint_reconciles_shapes_and_trains_only_student_and_adapter(
     cfg = validate_config(_raw(hint={"teacher_layer": teacher_layer, "student_layer": student_layer, "weight": 0.5}))
     data = load_data(cfg.data, seed=0)
     teacher, student = _models(cfg, data)
-    hint = build_hint(cfg, teacher, student, data, CPU)
+    hint = build_hint(cfg.distill.hint, teacher, student, data, CPU)
     assert isinstance(hint, FeatureHint) and isinstance(hint.adapter, adapter) and hint.shapes == shapes
-    objective = make_kd_objective(cfg, teacher, data, CPU, hint=hint)
+    objective = make_kd_objective(cfg.distill.kd(), teacher, data, CPU, augment=False, hint=hint)
     assert objective.cache is None  # the hint needs the teacher's features every batch
     inputs = data.normalize(data.train.images[:8])
     loss, parts = objective(student.train(), inputs, data.train.labels[:8], torch.arange(8), False)
@@ -140,7 +140,7 @@ def test_fit_with_kd_keeps_teacher_batchnorm_statistics_and_logs_loss_parts() ->
     teacher, student = _models(cfg, data)
     teacher.train()  # the objective must put it back in eval mode itself
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    objective = make_kd_objective(cfg, teacher, data, CPU, hint=build_hint(cfg, teacher, student, data, CPU))
+    objective = make_kd_objective(cfg.distill.kd(), teacher, data, CPU, augment=False, hint=build_hint(cfg.distill.hint, teacher, student, data, CPU))
     result = fit(student, data, cfg.distill, device=CPU, seed=0, objective=objective, batch_size=32, log=lambda _: None)
     objective.close()
     after = teacher.state_dict()
@@ -153,14 +153,14 @@ def test_build_hint_validates_names_but_returns_none_when_weight_is_0() -> None:
     cfg = validate_config(_raw(hint={"teacher_layer": "stage2", "student_layer": "stage2", "weight": 0}))
     data = load_data(cfg.data, seed=0)
     teacher, student = _models(cfg, data)
-    assert build_hint(cfg, teacher, student, data, CPU) is None
+    assert build_hint(cfg.distill.hint, teacher, student, data, CPU) is None
     bad = validate_config(_raw(hint={"teacher_layer": "stage2", "student_layer": "nope", "weight": 0}))
     with pytest.raises(InputError, match=r"^distill\.hint\.student_layer: no module 'nope' in the student"):
-        build_hint(bad, teacher, student, data, CPU)
+        build_hint(bad.distill.hint, teacher, student, data, CPU)
 
 
 def test_fit_with_alpha_1_trains_exactly_like_the_ce_baseline() -> None:
-    from edgekd.losses import CrossEntropyObjective
+    from edgekd.train.objectives import CrossEntropyObjective
 
     cfg = validate_config(_raw(epochs=1, alpha=1.0))
     data = load_data(cfg.data, seed=0)
@@ -168,7 +168,7 @@ def test_fit_with_alpha_1_trains_exactly_like_the_ce_baseline() -> None:
     _, ce_student = _models(cfg, data)
     ce_student.load_state_dict(kd_student.state_dict())
     quiet = dict(device=CPU, seed=0, batch_size=32, log=lambda _: None)
-    fit(kd_student, data, cfg.distill, objective=make_kd_objective(cfg, teacher, data, CPU), **quiet)
+    fit(kd_student, data, cfg.distill, objective=make_kd_objective(cfg.distill.kd(), teacher, data, CPU, augment=cfg.distill.augment), **quiet)
     fit(ce_student, data, cfg.distill, objective=CrossEntropyObjective(), **quiet)
     ce_state = ce_student.state_dict()
     assert all(torch.allclose(v, ce_state[k], atol=1e-6) for k, v in kd_student.state_dict().items())
@@ -178,32 +178,25 @@ def test_fit_with_alpha_1_trains_exactly_like_the_ce_baseline() -> None:
 # Through the runner
 
 
-def _only_teacher_and_distill(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Later stages are other modules' business (and may not exist yet): the runner sees only these two."""
-    real = pipeline.load_stage
-    monkeypatch.setattr(pipeline, "load_stage", lambda name: real(name) if name in ("teacher", "distill") else None)
-
-
 @pytest.mark.slow
 def test_run_pipeline_distill_writes_students_and_metrics_then_skips_on_rerun(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _only_teacher_and_distill(monkeypatch)
     # alpha 0.5: a 3-epoch teacher's soft targets at T=4 are nearly flat, so keep a real hard-label term
     cfg = validate_config(_raw(tmp_path, alpha=0.5))
     outcome = pipeline.run_pipeline(cfg, only=["teacher", "distill"])
     run_dir = outcome.run_dir
     assert outcome.ran == ["teacher", "distill"]
     assert (run_dir / "student.pt").is_file() and (run_dir / "student_baseline.pt").is_file()
-    entry = outcome.manifest["stages"]["distill"]
-    assert set(entry["artifacts"]) == {"student.pt", "student_baseline.pt"}
-    m = entry["metrics"]
+    record = outcome.manifest.record("distill")
+    assert set(record.artifacts) == {"student.pt", "student_baseline.pt"}
+    m = record.metrics
     train_size = load_data(cfg.data, seed=0).meta.split_sizes["train"]
 
     assert m["student_test_accuracy"] > 0.8  # 4 classes: chance is 0.25
     assert m["baseline_test_accuracy"] is not None
     assert m["kd_gain"] == pytest.approx(m["student_test_accuracy"] - m["baseline_test_accuracy"], abs=1e-6)
-    assert m["teacher_test_accuracy"] == outcome.manifest["stages"]["teacher"]["metrics"]["test_accuracy"]
+    assert m["teacher_test_accuracy"] == outcome.manifest.metrics("teacher")["test_accuracy"]
     assert 0 < m["student_params"] < m["teacher_params"]
     assert 0 <= m["student_test_agreement"] <= 1
     assert len(m["history"]) == len(m["baseline_history"]) == 6

@@ -45,7 +45,7 @@ def test_torchrun_two_processes_write_one_set_of_artifacts_in_the_accuracy_band(
     assert teacher["test_accuracy"] >= 0.7  # the single-process run of this config reaches ~0.85-1.0; chance is 0.25
 
     single = write_config(tmp_path, {**DDP_OVERRIDE, "output_dir": "single"}, name="single.yaml")
-    from edgekd.pipeline import run_pipeline
+    from edgekd.runner.loop import run_pipeline
 
     run_pipeline(single, only=["teacher"])
     single_accuracy = json.loads((tmp_path / "single" / "manifest.json").read_text())["stages"]["teacher"]["metrics"]["test_accuracy"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from edgekd.errors import InputError, StageFailed
 from edgekd.models.cnn import EdgeCNN
-from edgekd.onnx_export import (
+from edgekd.stages.export.exporter import (
     INPUT_NAME,
     OUTPUT_NAME,
     build_metadata,
@@ -138,7 +138,7 @@ def test_export_stage_failure_leaves_no_new_files(tmp_path: Path, monkeypatch: p
     """A teacher needing opset 14 exported at opset 13: exit 2, and export wrote nothing into the run dir."""
     from conftest import write_config
 
-    from edgekd.pipeline import run_pipeline
+    from edgekd.runner.loop import run_pipeline
 
     checkpoint = tmp_path / "triu.pt"
     torch.save(TriuNet().state_dict(), checkpoint)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekd.config import validate_config
-from edgekd.data import load_data
-from edgekd.losses import DistillationObjective, TeacherLogitCache, kd_loss, make_kd_objective
+from edgekd.data.bundle import load_data
+from edgekd.train.objectives import DistillationObjective, TeacherLogitCache, kd_loss, make_kd_objective
 
 # Fixed logits; the reference values below were computed by hand (pure-Python softmax/log, see _reference).
 STUDENT = [[1.0, 2.0, 0.5], [0.2, -1.0, 3.0]]
@@ -164,16 +164,20 @@ def _synthetic_cfg(**distill: object):  # noqa: ANN202
 def test_make_kd_objective_reads_distill_settings_and_caches_only_without_augmentation() -> None:
     cfg = _synthetic_cfg(temperature=3.0, alpha=0.25)
     data = load_data(cfg.data, seed=0)
-    objective = make_kd_objective(cfg, _tiny_net(), data, torch.device("cpu"))
+    objective = make_kd_objective(cfg.distill.kd(), _tiny_net(), data, torch.device("cpu"), augment=False)
     assert (objective.temperature, objective.alpha) == (3.0, 0.25)
     assert objective.cache is not None and objective.cache.logits.shape == (len(data.train), 3)
-    assert make_kd_objective(cfg, _tiny_net(), data, torch.device("cpu"), augment=True).cache is None
-    assert make_kd_objective(_synthetic_cfg(cache_teacher_logits=False), _tiny_net(), data, torch.device("cpu")).cache is None
+    assert make_kd_objective(cfg.distill.kd(), _tiny_net(), data, torch.device("cpu"), augment=True).cache is None
+    no_cache = _synthetic_cfg(cache_teacher_logits=False).distill.kd()
+    assert make_kd_objective(no_cache, _tiny_net(), data, torch.device("cpu"), augment=False).cache is None
 
 
-def test_make_kd_objective_uses_distill_defaults_when_distill_is_off() -> None:
+def test_prune_recovery_uses_kd_defaults_when_distill_is_off() -> None:
+    from edgekd.stages import prune
+
     cfg = validate_config({"data": {"dataset": "synthetic"}, "distill": None, "prune": {"source": "teacher"}})
     data = load_data(cfg.data, seed=0)
-    objective = make_kd_objective(cfg, _tiny_net(4), data, torch.device("cpu"), augment=False)
+    kd = prune.plan(cfg).settings.kd
+    objective = make_kd_objective(kd, _tiny_net(4), data, torch.device("cpu"), augment=False)
     assert (objective.temperature, objective.alpha) == (4.0, 0.1)
     assert objective.cache is not None

@@ -46,7 +46,7 @@ def test_strided_stem_quarters_stage1_pixels_and_keeps_later_feature_maps(tmp_pa
     import onnxruntime as ort
 
     from edgekd.models.structure import record_structure
-    from edgekd.pruning import PruneSettings, prune_channels, resolve_ignored
+    from edgekd.stages.prune.pruning import PruneSettings, prune_channels, resolve_ignored
 
     torch.manual_seed(0)
     kwargs = {"widths": [8, 16, 32], "blocks": 1}

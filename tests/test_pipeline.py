@@ -11,7 +11,8 @@ import pytest
 from conftest import write_config
 from edgekd.config import load_config
 from edgekd.errors import InputError
-from edgekd.pipeline import LOCK, run_lock, run_pipeline
+from edgekd.runner.lock import LOCK, run_lock
+from edgekd.runner.loop import run_pipeline
 
 TEACHER_ONLY = {"distill": None, "prune": None, "quantize": None}
 

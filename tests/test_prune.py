@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from conftest import write_config
-from edgekd.config import DataConfig, SyntheticConfig, TrainConfig, validate_config
+from edgekd.config import validate_config
+from edgekd.data.config import DataConfig, SyntheticConfig
+from edgekd.train.config import TrainConfig
 from edgekd.errors import ConfigError, InputError
 from edgekd.models import create_model, load_model, model_meta
 from edgekd.models.checkpoint import save_checkpoint
 from edgekd.models.structure import apply_structure, record_structure
-from edgekd.pruning import (PruneSettings, PruneTarget, layer_channels, measure, prune_channels, prune_iteratively,
+from edgekd.stages.prune.pruning import (PruneSettings, PruneTarget, layer_channels, measure, prune_channels, prune_iteratively,
                             prune_to, resolve_ignored, taylor_gradients)
 
 CPU = torch.device("cpu")
@@ -248,8 +250,8 @@ def test_apply_structure_rejects_a_record_from_another_architecture() -> None:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple:
-    from edgekd.data import load_data
-    from edgekd.training import fit
+    from edgekd.data.bundle import load_data
+    from edgekd.train.loop import fit
 
     data = load_data(DataConfig(dataset="synthetic", batch_size=32, synthetic=SyntheticConfig(
         num_samples=400, num_classes=4, image_size=12, noise=1.0)), seed=0)
@@ -259,8 +261,8 @@ def trained() -> tuple:
 
 
 def test_kd_recovery_raises_accuracy_of_pruned_model(trained: tuple) -> None:
-    from edgekd.losses import DistillationObjective
-    from edgekd.training import accuracy, fit, predict
+    from edgekd.train.objectives import DistillationObjective
+    from edgekd.train.loop import accuracy, fit, predict
 
     teacher, data = trained
     rows: list[dict] = []
@@ -284,30 +286,31 @@ def test_prune_stage_depends_on_distill_only_when_pruning_the_student() -> None:
 
     student = validate_config({"prune": {"source": "student"}})
     teacher = validate_config({"distill": None, "prune": {"source": "teacher", "global": True}})
-    assert stage.depends_on(student) == ["teacher", "distill"] and stage.depends_on(teacher) == ["teacher"]
-    assert stage.config_view(teacher)["kd"] == {"temperature": 4.0, "alpha": 0.1}  # defaults without distill
-    assert stage.config_view(teacher)["source_model"]["model"] == teacher.teacher.model
-    assert stage.config_view(teacher)["prune"]["global"] is True
+    assert stage.plan(student).depends_on == ("teacher", "distill") and stage.plan(teacher).depends_on == ("teacher",)
+    plan = stage.plan(teacher)
+    assert (plan.settings.kd.temperature, plan.settings.kd.alpha) == (4.0, 0.1)  # KD defaults without distill
+    assert plan.view["kd"]["temperature"] == 4.0 and plan.view["source_model"]["model"] == teacher.teacher.model
+    assert plan.view["prune"]["global"] is True and plan.settings.model == teacher.teacher.model
     with pytest.raises(ConfigError, match=r"prune\.source: 'student' needs the distill stage"):
         validate_config({"distill": None, "prune": {"source": "student"}})
 
 
 @pytest.mark.slow
 def test_run_pipeline_prune_writes_pruned_checkpoint_and_metrics(tmp_path: Path) -> None:
-    from edgekd.pipeline import run_pipeline
+    from edgekd.runner.loop import run_pipeline
 
     config = write_config(tmp_path, {
         "data": {"synthetic": {"num_samples": 240, "image_size": 12}},
         "teacher": {"train": {"epochs": 1}},
-        "distill": None, "quantize": {"mode": "none"},
+        "distill": None, "quantize": None,
         "prune": {"source": "teacher", "ratio": None, "target_macs": 0.5, "importance": "taylor", "steps": 2,
                   "finetune": {"epochs": 1}},
     })
     outcome = run_pipeline(config, only=["teacher", "prune"])
     assert outcome.ran == ["teacher", "prune"]
-    entry = outcome.manifest["stages"]["prune"]
-    metrics = entry["metrics"]
-    assert set(entry["artifacts"]) == {"pruned.pt"}
+    entry = outcome.manifest.record("prune")
+    metrics = entry.metrics
+    assert set(entry.artifacts) == {"pruned.pt"}
     assert metrics["source"] == "teacher" and metrics["target"] == {"kind": "macs", "value": 0.5}
     assert abs(metrics["macs_after"] / metrics["macs_before"] - 0.5) <= 0.025 and metrics["target_reached"] is True
     assert metrics["params_after"] < metrics["params_before"]

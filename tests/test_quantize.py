@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd import quantization as qz
-from edgekd.config import DataConfig
-from edgekd.data import load_data
+from edgekd.stages.quantize import quantization as qz
+from edgekd.data.config import DataConfig
+from edgekd.data.bundle import load_data
 from edgekd.errors import InputError
 from edgekd.models.cnn import EdgeCNN
-from edgekd.onnx_export import export_onnx
-from edgekd.stages.quantize import calibration_inputs, fallback_decision, resolve_source
+from edgekd.stages.export.exporter import export_onnx
+from edgekd.stages.quantize.stage import calibration_inputs, fallback_decision, resolve_source
 
 
 @pytest.fixture(scope="module")
@@ -176,21 +176,18 @@ def test_resolve_source_prefers_the_last_model_of_the_chain() -> None:
 
 def test_pipeline_teacher_export_quantize_writes_artifacts_and_metrics(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """distill and prune off; benchmark/report unavailable: teacher -> export -> quantize only."""
+    """distill and prune off; benchmark/report not selected: teacher -> export -> quantize only."""
     from conftest import write_config
 
-    from edgekd import pipeline
-    from edgekd.onnx_export import read_metadata
+    from edgekd.runner import loop as pipeline
+    from edgekd.stages.export.exporter import read_metadata
 
-    real_load_stage = pipeline.load_stage
-    monkeypatch.setattr(pipeline, "load_stage", lambda name: None if name in ("benchmark", "report")
-                        else real_load_stage(name))
     config = write_config(tmp_path, {
         "data": {"synthetic": {"num_samples": 240}}, "teacher": {"train": {"epochs": 1}},
         "distill": None, "prune": None, "export": {"ort_format": True},
         "quantize": {"calibration": {"samples": 40}, "search": True},
     })
-    outcome = pipeline.run_pipeline(config)
+    outcome = pipeline.run_pipeline(config, only=["teacher", "export", "quantize"])
     assert outcome.ran == ["teacher", "export", "quantize"]
     run_dir = outcome.run_dir
     for name in ("teacher.onnx", "model.int8.onnx", "eval.npz", "val.npz"):
@@ -198,7 +195,7 @@ def test_pipeline_teacher_export_quantize_writes_artifacts_and_metrics(tmp_path:
     with np.load(run_dir / "eval.npz") as archive:
         assert archive["inputs"].dtype == np.float32 and archive["inputs"].shape[1:] == (1, 16, 16)
         assert archive["labels"].dtype == np.int64 and archive["teacher_predictions"].dtype == np.int64
-        assert len(archive["labels"]) == outcome.manifest["stages"]["teacher"]["metrics"]["data"]["split_sizes"]["test"]
+        assert len(archive["labels"]) == outcome.manifest.metrics("teacher")["data"]["split_sizes"]["test"]
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     export, quant = stages["export"]["metrics"], stages["quantize"]["metrics"]
     teacher = export["models"]["teacher"]
@@ -223,9 +220,9 @@ def test_pipeline_teacher_export_quantize_writes_artifacts_and_metrics(tmp_path:
         "distill": None, "prune": None, "export": {"ort_format": True},
         "quantize": {"mode": "dynamic", "search": False},
     })
-    outcome = pipeline.run_pipeline(config)
+    outcome = pipeline.run_pipeline(config, only=["teacher", "export", "quantize"])
     assert outcome.ran == ["quantize"] and outcome.skipped == ["teacher", "export"]
-    quant = outcome.manifest["stages"]["quantize"]["metrics"]
+    quant = outcome.manifest.metrics("quantize")
     assert quant["mode"] == "dynamic" and quant["artifact_name"] == "int8_dynamic" and "calibration" not in quant
     assert len(quant["attempts"]) == 1 and quant["chosen"]["mode"] == "dynamic"
     assert read_metadata(run_dir / "model.int8.onnx")["artifact"] == "int8_dynamic"

@@ -136,7 +136,7 @@ def test_killed_runs_leave_manifests_that_never_point_at_a_missing_file(scenario
 
 def _race_for_lock(run_dir: str, start: Any, release: Any, results: Any) -> None:
     from edgekd.errors import InputError
-    from edgekd.pipeline import run_lock
+    from edgekd.runner.lock import run_lock
 
     start.wait()
     try:
@@ -152,7 +152,7 @@ def test_run_lock_admits_exactly_one_of_many_processes_racing_for_a_stale_lock(t
     import multiprocessing
     import socket
 
-    import edgekd.pipeline  # noqa: F401 - imported once here, not in each forked racer
+    import edgekd.runner.loop  # noqa: F401 - imported once here, not in each forked racer
 
     context = multiprocessing.get_context("fork")
     racers = 6

@@ -252,10 +252,11 @@ def test_open_session_loads_external_data_stored_beside_the_model(tmp_path: Path
 @pytest.mark.parametrize("name", ["../escape.pt", "/tmp/escape.pt", "plots/../../escape.pt"])
 def test_run_context_path_refuses_names_that_leave_the_run_directory(tmp_path: Path, name: str) -> None:
     from edgekd.config import validate_config
-    from edgekd.pipeline import RunContext
+    from edgekd.runner.contract import Manifest
+    from edgekd.runner.loop import context_for
 
     cfg = validate_config({"name": "tiny"}, base_dir=tmp_path)
-    ctx = RunContext(cfg, cfg.run_dir, {"stages": {}}, None)
+    ctx = context_for(cfg, Manifest())
     with pytest.raises(InputError, match="refusing to write outside the run directory"):
         ctx.path(name)
     assert ctx.path("plots/teacher.png") == cfg.run_dir / "plots" / "teacher.png"

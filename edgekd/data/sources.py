@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekd.config import DataConfig
+from edgekd.data.config import DataConfig
 from edgekd.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from edgekd import __version__
-from edgekd.budgets import (
-    REPORT_SCHEMA_VERSION,
-    active_limits,
-    choose_artifact,
-    evaluate_row,
-    find_row,
-    latency_at,
-)
 from edgekd.errors import InputError
+from edgekd.gate.budgets import ACCURACY_BUDGETS, REPORT_SCHEMA_VERSION, active_limits, evaluate_row, find_row, p50_at
+from edgekd.runner.contract import Manifest
+from edgekd.stages import benchmark as benchmark_stage
+from edgekd.stages import distill as distill_stage
+from edgekd.stages import export as export_stage
+from edgekd.stages import prune as prune_stage
+from edgekd.stages import quantize as quantize_stage
+from edgekd.stages import teacher as teacher_stage
+
+TEACHER, STUDENT, BASELINE = teacher_stage.MODEL, distill_stage.STUDENT_MODEL, distill_stage.BASELINE_MODEL
+PRUNED = prune_stage.MODEL
 
 # A pruned / int8 model less than this much faster than its source is flagged: the difference is within
 # what timing noise alone produces between two runs of the same model.
@@ -29,54 +33,35 @@ NO_SPEEDUP_TOLERANCE = 0.02
 ARM_LABEL = "emulated — correctness only, no latency"
 
 
-def _metrics(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
-    return ((manifest.get("stages") or {}).get(stage) or {}).get("metrics") or {}
-
-
 def _round(value: Any, digits: int = 6) -> Any:
     return round(value, digits) if isinstance(value, float) else value
 
 
-def _p50(row: dict[str, Any] | None, threads: int, batch: int) -> float | None:
-    entry = latency_at(row, threads, batch)
-    value = entry.get("p50") if entry else None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
-def _artifact_hashes(manifest: dict[str, Any]) -> dict[str, str]:
-    hashes: dict[str, str] = {}
-    for entry in (manifest.get("stages") or {}).values():
-        hashes.update((entry or {}).get("artifacts") or {})
-    return hashes
-
-
-def _rows(bench: dict[str, Any], manifest: dict[str, Any], threads: int, batch: int) -> list[dict[str, Any]]:
+def _rows(bench: dict[str, Any], manifest: Manifest, threads: int, batch: int) -> list[dict[str, Any]]:
     """Benchmark rows, plus speed-up vs the teacher per setting and the model file's sha256."""
     rows = copy.deepcopy(bench.get("artifacts") or [])
     if not rows:
         raise InputError("manifest: the benchmark stage has no artifact rows; rerun `edgekd run --from benchmark`")
     if any(not isinstance(row, dict) or not isinstance(row.get("name"), str) for row in rows):
         raise InputError("manifest: a benchmark row has no 'name'")
-    hashes = _artifact_hashes(manifest)
-    teacher = find_row(rows, "teacher")
+    hashes = manifest.all_artifacts()
+    teacher = find_row(rows, TEACHER)
     for row in rows:
         for entry in row.get("latency_ms") or []:
-            base = _p50(teacher, entry.get("threads"), entry.get("batch"))
+            base = p50_at(teacher, entry.get("threads"), entry.get("batch"))
             mine = entry.get("p50")
             entry["speedup_vs_teacher"] = round(base / mine, 4) if base and mine else None
-        base, mine = _p50(teacher, threads, batch), _p50(row, threads, batch)
+        base, mine = p50_at(teacher, threads, batch), p50_at(row, threads, batch)
         row["speedup_vs_teacher"] = round(base / mine, 4) if base and mine else None
         if row.get("path") and "sha256" not in row and row["path"] in hashes:
             row["sha256"] = hashes[row["path"]]  # lets merged device results find their artifact
     return rows
 
 
-def _not_deployable(quant: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
-    if not quant or quant.get("deployable", True):
+def _not_deployable(quant: dict[str, Any]) -> dict[str, str]:
+    if not quant or quant["deployable"]:
         return {}
-    reason = f"int8 fallback ({quant.get('fallback_reason') or 'accuracy drop over quantize.max_accuracy_drop'})"
-    names = {quant.get("artifact_name")} | {r["name"] for r in rows if r.get("kind") == "int8"}
-    return {name: reason for name in names if name}
+    return {quant["artifact_name"]: f"int8 fallback ({quant['fallback_reason']})"}
 
 
 def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, Any], distill: dict[str, Any],
@@ -84,13 +69,10 @@ def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, A
     """Compression that did nothing (no smaller / no faster than its source), int8 fallback, no KD gain."""
     flags: list[dict[str, Any]] = []
     checks = []
-    if prune and find_row(rows, "pruned"):
-        checks.append(("pruned", prune.get("source") or "student", "pruning"))
-    if quant:
-        name = quant.get("artifact_name") or next((r["name"] for r in rows if r.get("kind") == "int8"), None)
-        source = quant.get("source")
-        if name and source and find_row(rows, name):
-            checks.append((name, source, "quantization"))
+    if prune and find_row(rows, PRUNED):
+        checks.append((PRUNED, prune["source"], "pruning"))
+    if quant and find_row(rows, quant["artifact_name"]):
+        checks.append((quant["artifact_name"], quant["source"], "quantization"))
     for name, source, what in checks:
         row, src = find_row(rows, name), find_row(rows, source)
         if src is None:
@@ -99,19 +81,19 @@ def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, A
         if isinstance(size, (int, float)) and isinstance(src_size, (int, float)) and size >= src_size:
             flags.append({"kind": "no_size_gain", "artifact": name, "source": source, "message":
                           f"{what} did nothing for size: {name} is {size / 1024:.1f} KiB, {source} {src_size / 1024:.1f} KiB"})
-        p50, src_p50 = _p50(row, threads, batch), _p50(src, threads, batch)
+        p50, src_p50 = p50_at(row, threads, batch), p50_at(src, threads, batch)
         if p50 and src_p50 and p50 >= src_p50 * (1 - NO_SPEEDUP_TOLERANCE):
             flags.append({"kind": "no_speed_gain", "artifact": name, "source": source, "message":
                           f"{what} did nothing for speed: {name} p50 {p50:.3f} ms vs {source} {src_p50:.3f} ms "
                           f"at {threads} thread(s), batch {batch} ({src_p50 / p50:.2f}x; under "
                           f"{1 / (1 - NO_SPEEDUP_TOLERANCE):.2f}x is within timing noise)"})
-    if quant and not quant.get("deployable", True):
-        flags.append({"kind": "int8_fallback", "artifact": quant.get("artifact_name"), "source": quant.get("source"),
-                      "message": f"int8 not deployable: {quant.get('fallback_reason') or 'accuracy drop too large'}; "
-                                 f"the fp32 {quant.get('source')} model stays the candidate"})
+    if quant and not quant["deployable"]:
+        flags.append({"kind": "int8_fallback", "artifact": quant["artifact_name"], "source": quant["source"],
+                      "message": f"int8 not deployable: {quant['fallback_reason']}; "
+                                 f"the fp32 {quant['source']} model stays the candidate"})
     gain = distill.get("kd_gain") if distill else None
     if isinstance(gain, (int, float)) and gain <= 0:
-        flags.append({"kind": "no_kd_gain", "artifact": "student", "source": "student_baseline",
+        flags.append({"kind": "no_kd_gain", "artifact": STUDENT, "source": BASELINE,
                       "message": f"distillation did not beat the no-KD baseline (kd_gain {gain:+.4f})"})
     return flags
 
@@ -140,9 +122,10 @@ def _environment(bench: dict[str, Any], budgets: dict[str, Any], rows: list[dict
     return env
 
 
-def _sections(manifest: dict[str, Any]) -> dict[str, Any]:
-    teacher, distill = _metrics(manifest, "teacher"), _metrics(manifest, "distill")
-    prune, quant, export = _metrics(manifest, "prune"), _metrics(manifest, "quantize"), _metrics(manifest, "export")
+def _sections(manifest: Manifest) -> dict[str, Any]:
+    teacher, distill = manifest.metrics(teacher_stage.NAME), manifest.metrics(distill_stage.NAME)
+    prune, quant = manifest.metrics(prune_stage.NAME), manifest.metrics(quantize_stage.NAME)
+    export = manifest.metrics(export_stage.NAME)
     data = teacher.get("data") or {}
     out: dict[str, Any] = {
         "data": {k: data.get(k) for k in ("dataset", "num_classes", "input_shape", "split_sizes")},
@@ -206,11 +189,8 @@ def _merge_devices(report: dict[str, Any], run_dir: Path, notes: list[str]) -> d
     files = sorted((run_dir / "devices").glob("*.json")) if (run_dir / "devices").is_dir() else []
     if not files:
         return report
-    try:
-        from edgekd.runtime.device_report import merge_device_json
-    except ImportError:
-        notes.append("device results not merged: this edgekd has no edgekd.runtime.device_report")
-        return report
+    from edgekd.runtime.device_report import merge_device_json
+
     for path in files:
         try:
             report = merge_device_json(report, json.loads(path.read_text(encoding="utf-8")))
@@ -219,23 +199,23 @@ def _merge_devices(report: dict[str, Any], run_dir: Path, notes: list[str]) -> d
     return report
 
 
-def build_report(manifest: dict[str, Any], run_dir: Path, budgets: dict[str, Any], *,
+def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
                  run_name: str | None = None, created_at: str | None = None) -> dict[str, Any]:
-    """The report.json document. `budgets` is normalized (edgekd.budgets.normalize_budgets)."""
+    """The report.json document. `budgets` is normalized (edgekd.gate.budgets.normalize_budgets)."""
     run_dir = Path(run_dir)
-    bench = _metrics(manifest, "benchmark")
+    bench = manifest.metrics(benchmark_stage.NAME)
     if not bench:
         raise InputError(f"{run_dir}: no benchmark results in the manifest; run the pipeline through `benchmark` first")
     threads, batch = budgets["latency_threads"], budgets["latency_batch"]
     rows = _rows(bench, manifest, threads, batch)
-    quant, prune = _metrics(manifest, "quantize"), _metrics(manifest, "prune")
+    quant, prune = manifest.metrics(quantize_stage.NAME), manifest.metrics(prune_stage.NAME)
     sections = _sections(manifest)
-    not_deployable = _not_deployable(quant, rows)
+    not_deployable = _not_deployable(quant)
     for row in rows:
         row["deployable"] = row["name"] not in not_deployable
     choice, candidates = choose_artifact(rows, budgets, not_deployable)
     deployed_row = find_row(rows, choice["artifact"])
-    verdicts = evaluate_row(deployed_row, find_row(rows, "teacher"), budgets)
+    verdicts = evaluate_row(deployed_row, find_row(rows, TEACHER), budgets)
     notes: list[str] = []
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -253,7 +233,7 @@ def build_report(manifest: dict[str, Any], run_dir: Path, budgets: dict[str, Any
         "deployed": {"artifact": choice["artifact"], "path": "deploy/model.onnx", "source_path": deployed_row.get("path"),
                      "kind": deployed_row.get("kind"), "reason": choice["reason"], "rule": choice["rule"],
                      "budgets_passed": all(v["passed"] for v in verdicts), "files": []},
-        "flags": _flags(rows, prune, quant, _metrics(manifest, "distill"), threads, batch),
+        "flags": _flags(rows, prune, quant, manifest.metrics(distill_stage.NAME), threads, batch),
         "torch_reference": copy.deepcopy(bench.get("torch_reference")),
         "mobile": copy.deepcopy(bench.get("mobile")),
         "arm_check": _arm_check(run_dir),
@@ -272,3 +252,94 @@ def strip_volatile(report: dict[str, Any]) -> dict[str, Any]:
     for device in clean.get("devices") or []:
         device.pop("created_at", None)
     return clean
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifact choice
+
+
+def choose_artifact(rows: list[dict[str, Any]], budgets: dict[str, Any],
+                    not_deployable: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Pick the deployed artifact; returns (choice, candidates).
+
+    Rule: among deployable candidates (not the teacher or the no-KD baseline, not an int8 fallback), the
+    fastest p50 at the budget's threads x batch that meets every budget; else the fastest meeting the
+    accuracy budgets; else the most accurate. The teacher is deployed only when it is the only candidate.
+    """
+    threads, batch = budgets.get("latency_threads", 1), budgets.get("latency_batch", 1)
+    not_deployable = not_deployable or {}
+    teacher = find_row(rows, TEACHER)
+    candidates: list[dict[str, Any]] = []
+    for row in rows:
+        name = row["name"]
+        verdicts = evaluate_row(row, teacher, budgets)
+        excluded = None
+        if name == TEACHER:
+            excluded = "the reference model (deployed only when it is the only candidate)"
+        elif name == BASELINE:
+            excluded = "the no-KD control run (shows the KD gain); never deployed"
+        elif name in not_deployable:
+            excluded = f"not deployable: {not_deployable[name]}"
+        candidates.append({
+            "artifact": name, "eligible": excluded is None, "excluded_reason": excluded,
+            "p50_ms": p50_at(row, threads, batch), "accuracy": row.get("accuracy"),
+            "passed_all": all(v["passed"] for v in verdicts),
+            "passed_accuracy": all(v["passed"] for v in verdicts if v["name"] in ACCURACY_BUDGETS),
+            "misses": [{k: v[k] for k in ("name", "limit", "value", "over", "over_pct", "message")}
+                       for v in verdicts if not v["passed"]],
+        })
+    pool = [c for c in candidates if c["eligible"]]
+    only_teacher = False
+    if not pool:
+        pool = [c for c in candidates if c["artifact"] == TEACHER]
+        only_teacher = True
+        if not pool:
+            raise InputError("no artifact can be deployed (no candidates and no teacher row)")
+        pool[0]["eligible"] = True
+
+    def speed(c: dict[str, Any]) -> tuple[float, float]:
+        return (c["p50_ms"] if c["p50_ms"] is not None else math.inf, -(c["accuracy"] or 0.0))
+
+    setting = f"{threads} thread{'s' if threads != 1 else ''}, batch {batch}"
+    has_accuracy_budget = any(budgets.get(n) is not None for n in ACCURACY_BUDGETS)
+    passing = sorted((c for c in pool if c["passed_all"]), key=speed)
+    accurate = sorted((c for c in pool if c["passed_accuracy"]), key=speed)
+    if passing:
+        best = passing[0]
+        limits = active_limits(budgets)
+        if not limits:
+            what = "(no budgets set)"
+        elif has_accuracy_budget:
+            others = [n for n in limits if n not in ACCURACY_BUDGETS]
+            what = "meeting the accuracy budgets" + (" and every other budget" if others else "")
+        else:
+            what = "meeting every budget (no accuracy budget set)"
+        rule = f"fastest artifact {what}: p50 {_ms(best['p50_ms'])} at {setting}"
+        reason = rule
+    elif accurate:
+        best = accurate[0]
+        rule = (f"no artifact meets every budget; best candidate: the fastest meeting the accuracy budgets "
+                f"(p50 {_ms(best['p50_ms'])} at {setting})")
+        reason = f"{rule}; misses {_misses(best)}"
+    else:
+        best = max(pool, key=lambda c: (c["accuracy"] or 0.0, -speed(c)[0]))
+        rule = "no artifact meets the accuracy budgets; best candidate: the most accurate"
+        reason = f"{rule}, misses {_misses(best)}"
+    if only_teacher:
+        prefix = "the teacher is the only candidate (no other deployable artifact); "
+        rule, reason = prefix + rule, prefix + reason
+    speedup = next((r.get("speedup_vs_teacher") for r in rows if r["name"] == best["artifact"]), None)
+    if speedup and best["artifact"] != TEACHER and best["passed_all"]:
+        reason += f", {speedup:.2f}x the teacher's speed"
+        rule = reason
+    choice = {"artifact": best["artifact"], "reason": reason, "rule": rule, "budgets_passed": best["passed_all"],
+              "threads": threads, "batch": batch}
+    return choice, candidates
+
+
+def _ms(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.3f} ms"
+
+
+def _misses(candidate: dict[str, Any]) -> str:
+    return "; ".join(m["message"] for m in candidate["misses"]) or "nothing"

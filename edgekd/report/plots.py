@@ -6,15 +6,16 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from edgekd.budgets import find_row, latency_at
+from edgekd.gate.budgets import find_row, latency_at
+from edgekd.stages.export import MODEL_ORDER
+from edgekd.stages.quantize import MODELS
 
 PLOTS = {
     "accuracy_vs_latency": "Accuracy vs p50 latency",
     "size": "Model file size",
     "latency_distribution": "Latency distribution",
 }
-COLORS = {"teacher": "#d62728", "student": "#1f77b4", "student_baseline": "#7f7f7f", "pruned": "#2ca02c",
-          "int8": "#9467bd", "int8_dynamic": "#8c564b"}
+COLORS = dict(zip((*MODEL_ORDER, *MODELS.values()), ("#d62728", "#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b")))
 
 
 def _figure(width: float = 6.4, height: float = 4.0) -> Any:
@@ -61,7 +62,7 @@ def accuracy_vs_latency(report: dict[str, Any]) -> bytes:
             continue
         x, y = entry["p50"], row["accuracy"]
         points.append((x, y))
-        teacher = row["name"] == "teacher"
+        teacher = row["name"] == MODEL_ORDER[0]
         axes.scatter([x], [y], s=160 if teacher else 60, marker="*" if teacher else "o", color=_color(row["name"]),
                      zorder=3, label=row["name"] + (" (reference)" if teacher else ""))
         axes.annotate(row["name"], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)

@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from edgekd import atomic
-from edgekd.budgets import normalize_budgets, verdict_lines
 from edgekd.errors import InputError
+from edgekd.gate.budgets import normalize_budgets, verdict_lines
 from edgekd.report.build import build_report
 from edgekd.report.deploy import write_deploy_bundle
 from edgekd.report.plots import PLOTS
+from edgekd.runner.contract import Manifest
 
 log = logging.getLogger("edgekd")
 DEVICES_DIR = "devices"
 
 
-def write_report(manifest: dict[str, Any], run_dir: Path, budgets: dict[str, Any], *, html: bool = True,
+def write_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *, html: bool = True,
                  plots: bool = True, run_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Build and write everything; returns (report, files written relative to run_dir).
 
@@ -29,9 +30,8 @@ def write_report(manifest: dict[str, Any], run_dir: Path, budgets: dict[str, Any
     """
     run_dir = Path(run_dir)
     report = build_report(manifest, run_dir, budgets, run_name=run_name)
-    files, notes = write_deploy_bundle(report, manifest, run_dir)
+    files = write_deploy_bundle(report, manifest, run_dir)
     report["deployed"]["files"] = files
-    report["notes"] = report.get("notes", []) + notes
     images: dict[str, bytes] = {}
     if plots:
         from edgekd.report.plots import render_plots
@@ -92,11 +92,11 @@ def log_verdicts(report: dict[str, Any]) -> None:
 # Re-render from a run directory (`edgekd report RUN_DIR [--merge device.json]`)
 
 
-def _settings_of_run(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The report stage's config as recorded in the manifest; else config.yaml's; else defaults."""
-    entry = (manifest.get("stages") or {}).get("report") or {}
-    if isinstance(entry.get("config"), dict):
-        return entry["config"]
+def _settings_of_run(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """The report stage's config as recorded in the manifest; before the stage ran, config.yaml's."""
+    record = manifest.record("report")
+    if record is not None:
+        return record.config
     config = run_dir / "config.yaml"
     if config.is_file():
         from edgekd.yamlio import load_yaml_file
@@ -109,11 +109,9 @@ def _settings_of_run(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def add_device_file(run_dir: Path, device_json: Path) -> Path:
     """Validate a device.json and keep it in RUN_DIR/devices/ (one file per board), so every later render,
     including one by `edgekd run`, merges it."""
-    try:
-        from edgekd.runtime.device_report import load_device_json
-        from edgekd.runtime.errors import RuntimeInputError
-    except ImportError:
-        raise InputError("--merge: this edgekd has no device report support (edgekd.runtime.device_report)") from None
+    from edgekd.runtime.device_report import load_device_json
+    from edgekd.runtime.errors import RuntimeInputError
+
     try:
         device = load_device_json(device_json)
     except RuntimeInputError as exc:
@@ -130,7 +128,8 @@ def add_device_file(run_dir: Path, device_json: Path) -> Path:
 
 def render_run_dir(run_dir: Path, merge: list[Path] | None = None) -> dict[str, Any]:
     """Re-render RUN_DIR's report from its manifest (nothing is rerun); returns the report."""
-    from edgekd.pipeline import MANIFEST, read_manifest, run_lock, write_manifest
+    from edgekd.runner.lock import run_lock
+    from edgekd.runner.loop import MANIFEST, read_manifest, write_manifest
 
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
@@ -144,9 +143,9 @@ def render_run_dir(run_dir: Path, merge: list[Path] | None = None) -> dict[str, 
         budgets = normalize_budgets(settings.get("budgets"), "budgets")
         report, files = write_report(manifest, run_dir, budgets, html=options.get("html", True),
                                      plots=options.get("plots", True), run_name=settings.get("name"))
-        entry = (manifest.get("stages") or {}).get("report")
-        if entry:  # keep the manifest true, so the next `edgekd run` sees an intact, up-to-date report
-            entry["artifacts"] = {name: atomic.sha256_file(run_dir / name) for name in files}
-            entry["metrics"] = stage_metrics(report)
+        record = manifest.record("report")
+        if record is not None:  # keep the manifest true, so the next `edgekd run` sees an intact, up-to-date report
+            record.artifacts = {name: atomic.sha256_file(run_dir / name) for name in files}
+            record.metrics = stage_metrics(report)
             write_manifest(run_dir, manifest)
     return report

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgekd.budgets import BUDGET_SPECS, latency_at
+from edgekd.gate.budgets import BUDGET_SPECS, latency_at
 
 
 @dataclass

@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.stages.export import MODEL_ORDER
+
 logger = logging.getLogger("edgekd")
 
-# Canonical row order: the reference first, then each compression step.
-FP32_NAMES = ("teacher", "student_baseline", "student", "pruned")
-INT8_FILE = "model.int8.onnx"
 LATENCY_KEYS = ("threads", "batch", "p50", "p90", "p99", "mean", "std", "min", "max", "iterations", "throughput_ips")
 SAMPLE_DIGITS = 4  # 0.1 us: plenty for a distribution plot, keeps the manifest small
 
@@ -36,14 +35,6 @@ class Artifact:
     macs: int | None
 
 
-def _model_entries(export_metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Export metrics `models` as name -> info, whether the export stage wrote a dict or a list of rows."""
-    models = export_metrics.get("models") or {}
-    if isinstance(models, Mapping):
-        return {str(name): dict(info or {}) for name, info in models.items()}
-    return {str(row["name"]): dict(row) for row in models if isinstance(row, Mapping) and row.get("name")}
-
-
 def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -54,17 +45,16 @@ def collect_artifacts(export_metrics: Mapping[str, Any], quantize_metrics: Mappi
 
     The int8 model inherits params/MACs from its source: quantization changes bytes per weight, not counts.
     """
-    entries = _model_entries(export_metrics)
-    order = [n for n in FP32_NAMES if n in entries] + sorted(n for n in entries if n not in FP32_NAMES)
+    entries: Mapping[str, Mapping[str, Any]] = export_metrics.get("models") or {}
+    order = [n for n in MODEL_ORDER if n in entries] + sorted(n for n in entries if n not in MODEL_ORDER)
     artifacts: list[Artifact] = []
     for name in order:
         info = entries[name]
-        file = str(info.get("path") or info.get("file") or f"{name}.onnx")
+        file = str(info["path"])
         artifacts.append(Artifact(name, "fp32", file, resolve(file), _int_or_none(info.get("params")),
                                   _int_or_none(info.get("macs"))))
     if quantize_metrics:
-        name = str(quantize_metrics.get("artifact_name") or "int8")
-        file = str(quantize_metrics.get("path") or quantize_metrics.get("artifact") or INT8_FILE)
+        name, file = str(quantize_metrics["artifact_name"]), str(quantize_metrics["path"])
         source = entries.get(str(quantize_metrics.get("source") or ""), {})
         artifacts.append(Artifact(name, "int8", file, resolve(file), _int_or_none(source.get("params")),
                                   _int_or_none(source.get("macs"))))
@@ -200,43 +190,46 @@ def mobile_readiness(artifact: Artifact) -> dict[str, Any]:
     return report
 
 
+class _EagerSession:
+    """A PyTorch eager module behind the small part of ONNX Runtime's session API the timing loop uses, so
+    eager rows come from the very same interleaved loop as the ONNX Runtime rows."""
+
+    def __init__(self, model: Any, input_shape: Sequence[int]) -> None:
+        self.model, self.input_shape = model, tuple(input_shape)
+
+    def get_inputs(self) -> list[Any]:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name="input", shape=[None, *self.input_shape], type="tensor(float)")]
+
+    def run(self, output_names: Any, feed: Mapping[str, np.ndarray]) -> list[Any]:
+        import torch
+
+        with torch.inference_mode():
+            return [self.model(torch.from_numpy(feed["input"]))]
+
+
 def torch_reference_rows(models: Mapping[str, Any], inputs_by_batch: Mapping[int, np.ndarray],
                          threads_list: Sequence[int], warmup: int, iterations: int,
                          chunk: int = 10) -> list[dict[str, Any]]:
-    """PyTorch eager latency (inference_mode, torch.set_num_threads) on the same inputs as ONNX Runtime.
-
-    Same protocol as interleaved_benchmark: warm-up apart, then models alternate in chunks, so the
-    ORT-vs-eager comparison is not skewed by when each was measured.
-    """
-    import time
-
+    """PyTorch eager latency (inference_mode, torch.set_num_threads) on the same inputs as ONNX Runtime,
+    measured by the same interleaved loop (warm-up apart, then models alternate in chunks)."""
     import torch
 
-    from edgekd.runtime.timing import summarize
+    from edgekd.runtime.timing import interleaved_benchmark
+
+    input_shape = next(iter(inputs_by_batch.values())).shape[1:]
+
+    def eager_session(label: str, threads: int, providers: Any) -> _EagerSession:
+        torch.set_num_threads(threads)
+        return _EagerSession(models[label], input_shape)
 
     previous = torch.get_num_threads()
-    rows: list[dict[str, Any]] = []
     try:
-        for threads in threads_list:
-            torch.set_num_threads(threads)
-            for batch, array in inputs_by_batch.items():
-                x = torch.from_numpy(array)
-                samples: dict[str, list[float]] = {name: [] for name in models}
-                with torch.inference_mode():
-                    for model in models.values():
-                        for _ in range(max(warmup, 1)):
-                            model(x)
-                    while any(len(s) < iterations for s in samples.values()):
-                        for name, model in models.items():
-                            for _ in range(min(chunk, iterations - len(samples[name]))):
-                                start = time.perf_counter()
-                                model(x)
-                                samples[name].append(time.perf_counter() - start)
-                for name, values in samples.items():
-                    stats = summarize(values)
-                    rows.append({"name": name, "threads": threads, "batch": batch, "p50": stats.p50,
-                                 "p90": stats.p90, "p99": stats.p99, "mean": stats.mean,
-                                 "iterations": stats.iterations})
+        timings = interleaved_benchmark({name: name for name in models}, inputs_by_batch, threads_list, warmup,
+                                        iterations, chunk=chunk, session_factory=eager_session)
     finally:
         torch.set_num_threads(previous)
-    return rows
+    return [{"name": name, "threads": row["threads"], "batch": row["batch"], "p50": row["p50"], "p90": row["p90"],
+             "p99": row["p99"], "mean": row["mean"], "iterations": row["iterations"]}
+            for name, rows in timings.items() for row in rows]

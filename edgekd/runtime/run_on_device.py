@@ -19,7 +19,7 @@ def load_runner():
         sys.path.insert(0, HERE)  # a bundle: use the copy that travelled with the model
         from edgekd_runtime.device_runner import main
         return main
-    checkout = os.path.dirname(HERE)  # deploy/ inside an edgekd checkout
+    checkout = os.path.dirname(os.path.dirname(HERE))  # edgekd/runtime/ inside an edgekd checkout
     if os.path.isfile(os.path.join(checkout, "edgekd", "runtime", "device_runner.py")):
         sys.path.insert(0, checkout)
     try:

@@ -1,6 +1,9 @@
-"""Turn pydantic's validation errors into one line per problem: `file: dotted.key: message (got value)`.
+"""Typed settings: the base of every config section model, and pydantic's validation errors turned into one
+line per problem: `file: dotted.key: message (got value)`.
 
-An unknown key gets a "did you mean" suggestion from the fields of the section it appears in.
+Each stage (and the data, training and budgets owners) declares its own section model on `Section`;
+`edgekd.config` composes them into `PipelineConfig`. An unknown key gets a "did you mean" suggestion from
+the fields of the section it appears in.
 """
 
 from __future__ import annotations
@@ -9,7 +12,17 @@ import difflib
 import re
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, each field is documented by its attribute docstring."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
+
+    def view(self) -> dict[str, Any]:
+        """The section as plain JSON data, keys as written in YAML (for fingerprints and the manifest)."""
+        return self.model_dump(mode="json", by_alias=True)
 
 
 def _model_for_loc(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -51,6 +64,7 @@ _MESSAGES = {
     "int_from_float": "must be an integer",
     "float_parsing": "must be a number",
     "float_type": "must be a number",
+    "finite_number": "must be a finite number",
     "bool_parsing": "must be true or false",
     "bool_type": "must be true or false",
     "string_type": "must be a string",

@@ -1,87 +1,42 @@
-"""Stage 3: structured channel pruning (torch-pruning) of the student or the teacher, with KD recovery.
+"""The prune stage's run: load, estimate, prune (torch-pruning through `pruning`), recover with KD, save.
 
-The mechanics (importance, targets, iterative steps) live in `edgekd.pruning`; this stage loads the models,
-estimates accuracy before and after, fine-tunes after each step with KD from the teacher through the shared
-training loop, and saves `pruned.pt` as tensors plus a JSON record of the pruned layer shapes (so it still
-loads with weights_only=True).
+`pruned.pt` holds tensors plus a JSON record of the pruned layer shapes, so it still loads with
+weights_only=True.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from edgekd.config import PipelineConfig
 from edgekd.errors import StageFailed
-from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import data_view, load_artifact_model, model_factories, section
+from edgekd.runner.context import RunContext
+from edgekd.runner.contract import StageResult
+from edgekd.stages import distill, teacher
+from edgekd.stages.prune import ARTIFACT, MODEL, PruneJob
 
-NAME = "prune"
-DISTRIBUTED = True  # recovery trains on every rank; the pruned structure comes from rank 0
-ARTIFACT = "pruned.pt"
-DEFAULT_TEMPERATURE, DEFAULT_ALPHA = 4.0, 0.1  # KD settings when the distill section is switched off
-
-
-def enabled(cfg: PipelineConfig) -> bool:
-    return cfg.prune is not None and cfg.prune.enabled
+log = logging.getLogger("edgekd")
 
 
-def depends_on(cfg: PipelineConfig) -> list[str]:
-    return ["teacher", "distill"] if _source(cfg) == "student" else ["teacher"]
-
-
-def _source(cfg: PipelineConfig) -> str:
-    return cfg.prune.source if cfg.prune is not None else "student"
-
-
-def _source_spec(cfg: PipelineConfig) -> tuple[str, dict[str, Any]]:
-    if _source(cfg) == "teacher":
-        return cfg.teacher.model, dict(cfg.teacher.model_kwargs)
-    return cfg.student.model, dict(cfg.student.model_kwargs)
-
-
-def _kd_view(cfg: PipelineConfig) -> dict[str, Any]:
-    if cfg.distill is None:
-        return {"temperature": DEFAULT_TEMPERATURE, "alpha": DEFAULT_ALPHA}
-    return {"temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
-            "label_smoothing": cfg.distill.label_smoothing}
-
-
-def config_view(cfg: PipelineConfig) -> dict[str, Any]:
-    spec, kwargs = _source_spec(cfg)
-    return {**data_view(cfg), "prune": section(cfg.prune), "kd": _kd_view(cfg),
-            "source_model": {"model": spec, "model_kwargs": kwargs}}
-
-
-def _kd_objective(cfg: PipelineConfig, teacher: Any, data: Any, device: Any) -> Any:
-    try:
-        from edgekd.losses import make_kd_objective
-    except ImportError:  # older losses module: plain Hinton KD with the configured (or default) T and alpha
-        from edgekd.losses import DistillationObjective
-
-        kd = _kd_view(cfg)
-        return DistillationObjective(teacher, kd["temperature"], kd["alpha"])
-    return make_kd_objective(cfg, teacher, data, device, augment=cfg.prune.finetune.augment)
-
-
-def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
+def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     import torch
 
-    from edgekd import distributed
     from edgekd.models import model_meta
     from edgekd.models.checkpoint import save_checkpoint
     from edgekd.models.structure import record_structure
-    from edgekd.pruning import (PruneSettings, layer_channels, measure, prune_iteratively, resolve_ignored,
-                                target_from_config, taylor_gradients)
-    from edgekd.training import Batches, accuracy, fit, predict
+    from edgekd.stages.prune.pruning import (PruneSettings, layer_channels, measure, prune_iteratively,
+                                             resolve_ignored, target_from_config, taylor_gradients)
+    from edgekd.train import distributed
+    from edgekd.train.loop import Batches, accuracy, fit, predict
+    from edgekd.train.objectives import make_kd_objective
 
-    assert cfg.prune is not None  # enabled() guarantees it
-    settings, data, device = cfg.prune, ctx.data, ctx.device
-    eval_batch = cfg.data.eval_batch_size
+    settings, data, device = job.prune, ctx.data, ctx.device
+    eval_batch, batch_size = ctx.data_config.eval_batch_size, ctx.data_config.batch_size
     source = settings.source
-    spec, kwargs = _source_spec(cfg)
+    spec, kwargs = job.model, job.model_kwargs
 
-    model = load_artifact_model(ctx, f"{source}.pt")
-    teacher = load_artifact_model(ctx, "teacher.pt")  # a separate instance: the KD objective freezes it
+    model = ctx.load_model(teacher.ARTIFACT if source == "teacher" else distill.STUDENT)
+    teacher_model = ctx.load_model(teacher.ARTIFACT)  # a separate instance: the KD objective freezes it
     ignored = resolve_ignored(model, settings.ignore, what=source)
     target = target_from_config(settings)
     prune_settings = PruneSettings(settings.importance, settings.global_pruning, settings.round_to, tuple(settings.ignore))
@@ -90,7 +45,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     def val_accuracy(m: Any) -> float:
         return round(accuracy(predict(m, data.val, data, device, eval_batch), data.val.labels), 6)
 
-    teacher_val = predict(teacher, data.val, data, device, eval_batch)
+    teacher_val = predict(teacher_model, data.val, data, device, eval_batch)
     macs_before, params_before = measure(model, example)
     channels_before = layer_channels(model)
     accuracy_before = val_accuracy(model)
@@ -99,11 +54,11 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
              source, spec, f"{macs_before:,}", f"{params_before:,}", accuracy_before, target.kind, target.value,
              settings.importance, " (global)" if settings.global_pruning else "", settings.steps)
 
-    objective = _kd_objective(cfg, teacher, data, device)
+    objective = make_kd_objective(job.kd, teacher_model, data, device, augment=settings.finetune.augment)
     history: list[dict[str, Any]] = []
 
     def gradients(m: Any) -> dict[str, Any]:
-        batches = Batches(data.train, data, cfg.data.batch_size, device, shuffle=True, seed=cfg.seed).epoch(0)
+        batches = Batches(data.train, data, batch_size, device, shuffle=True, seed=ctx.seed).epoch(0)
         probe = [(x, y) for (x, y, _), _ in zip(batches, range(settings.taylor_batches))]
         return taylor_gradients(m, probe)
 
@@ -114,8 +69,8 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
                  row["step"], settings.steps, row["channel_ratio"], f"{row['macs']:,}", row["macs_fraction"],
                  f"{row['params']:,}", row["params_fraction"], row["accuracy_after_prune"])
         m.train()  # the pruner left the model in eval mode; fit builds a fresh optimizer over the pruned parameters
-        result = fit(m, data, settings.finetune, device=device, seed=cfg.seed, objective=objective,
-                     desc=f"recovery {row['step']}/{settings.steps}", batch_size=cfg.data.batch_size,
+        result = fit(m, data, settings.finetune, device=device, seed=ctx.seed, objective=objective,
+                     desc=f"recovery {row['step']}/{settings.steps}", batch_size=batch_size,
                      eval_batch_size=eval_batch, reference_val_logits=teacher_val, log=log.info)
         row["accuracy_after_recovery"] = val_accuracy(m)
         history.extend({"step": row["step"], **epoch} for epoch in result.history)
@@ -126,16 +81,14 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
             gradients=gradients if settings.importance == "taylor" else None, after_step=recover,
         )
     finally:
-        close = getattr(objective, "close", None)
-        if callable(close):
-            close()
+        objective.close()
     model = pruned.model.eval()
     macs_after, params_after = measure(model, example)
     channels_after = layer_channels(model)
     test_accuracy = round(accuracy(predict(model, data.test, data, device, eval_batch), data.test.labels), 6)
     last = pruned.steps[-1]
 
-    save_checkpoint(model, ctx.path(ARTIFACT), {**model_meta(spec, kwargs, "pruned"), "structure": record_structure(model)})
+    save_checkpoint(model, ctx.path(ARTIFACT), {**model_meta(spec, kwargs, MODEL), "structure": record_structure(model)})
     _check_round_trip(ctx, model, example)
 
     reached = _target_reached(target, macs_before, params_before, macs_after, params_after)
@@ -176,12 +129,7 @@ def _check_round_trip(ctx: RunContext, model: Any, example: Any) -> None:
     """Reload pruned.pt the way later stages will (weights_only) and insist on identical outputs."""
     import torch
 
-    from edgekd.models import load_model
-
-    meta = ctx.data.meta
-    # ctx.path: the file this process just wrote (a private scratch copy on ranks other than 0)
-    reloaded = load_model(ctx.path(ARTIFACT), num_classes=meta.num_classes, in_channels=meta.channels,
-                          input_size=meta.height, factories=model_factories(ctx.cfg)).to(ctx.device).eval()
+    reloaded = ctx.load_model(ARTIFACT, written_here=True)
     with torch.no_grad():
         if not torch.allclose(model(example), reloaded(example), atol=1e-6, rtol=1e-5):
             raise StageFailed(f"stage prune: {ARTIFACT} does not reload to the same model (structure record incomplete?)")

@@ -44,7 +44,7 @@ def budget_cases(verdicts: list[dict[str, Any]], classname: str = "edgekd.budget
 
 def write_junit_for_report(report_path: Path, junit_path: Path) -> None:
     """The budget verdicts of report.json as JUnit; an unreadable report becomes one <error> case."""
-    from edgekd.budgets import load_report
+    from edgekd.gate.budgets import load_report
 
     try:
         report = load_report(report_path)

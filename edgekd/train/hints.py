@@ -19,8 +19,8 @@ from torch import nn
 from edgekd.errors import InputError
 
 if TYPE_CHECKING:
-    from edgekd.config import PipelineConfig
-    from edgekd.data import DataBundle
+    from edgekd.data.bundle import DataBundle
+    from edgekd.train.config import HintConfig
 
 MAX_LISTED = 40  # a ResNet has hundreds of modules: list the first ones, the message stays readable
 
@@ -142,13 +142,12 @@ class FeatureHint:
 
 
 def build_hint(
-    cfg: PipelineConfig, teacher: nn.Module, student: nn.Module, data: DataBundle, device: torch.device
+    settings: HintConfig | None, teacher: nn.Module, student: nn.Module, data: DataBundle, device: torch.device
 ) -> FeatureHint | None:
     """The configured hint (layer names validated against both models), or None when there is none.
 
     Both models must already be on `device`; two training images probe the feature shapes.
     """
-    settings = cfg.distill.hint if cfg.distill is not None else None
     if settings is None:
         return None
     if settings.weight == 0:  # switched off, but a wrong name is still reported

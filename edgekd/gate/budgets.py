@@ -1,7 +1,9 @@
-"""Budgets: evaluation, artifact choice, report loading, JUnit output (shared by run, check and compare).
+"""Budgets: the one schema (`BudgetsConfig`, the `budgets:` section of pipeline.yaml and the budgets files of
+`edgekd check`), their evaluation on report.json rows, and report.json loading (shared by run, check and
+compare).
 
-Torch-free and pydantic-free on purpose: `edgekd check` / `edgekd compare` run on a CI runner that has only
-the runtime install (numpy, onnxruntime, click). YAML budgets files need PyYAML; JSON ones need nothing.
+Torch-free on purpose: `edgekd check` / `edgekd compare` run on a CI runner that has only the runtime
+install (numpy, onnxruntime, click, pydantic). YAML budgets files need PyYAML; JSON ones need nothing.
 
 A budget is evaluated on one artifact row of report.json (the deployed one unless told otherwise):
 
@@ -14,13 +16,15 @@ A budget is evaluated on one artifact row of report.json (the deployed one unles
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
 from edgekd.errors import InputError
+from edgekd.stages.teacher.config import MODEL as TEACHER
+from edgekd.validation import Section, format_validation_error
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -34,50 +38,60 @@ BUDGET_SPECS: dict[str, tuple[str, str, str]] = {
     "max_accuracy_drop": ("max", "", "{:.4f}"),
     "min_speedup": ("min", "x", "{:.2f}"),
 }
-SETTINGS = {"latency_threads": 1, "latency_batch": 1}
 ACCURACY_BUDGETS = ("min_accuracy", "max_accuracy_drop")
-# Never deployed: the teacher is the reference (deployed only when nothing else exists); the baseline is
-# the no-KD control run that shows the KD gain (same architecture as the student).
-REFERENCE_ARTIFACTS = ("teacher", "student_baseline")
 
 
-# --------------------------------------------------------------------------------------------------
-# Budgets in, budgets validated
+class BudgetsConfig(Section):
+    """Limits that make `edgekd run` / `edgekd check` exit 1 when breached."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    latency_p50_ms: float | None = Field(None, gt=0)
+    """Max p50 latency of the deployed artifact (at latency_threads / latency_batch)."""
+    latency_p90_ms: float | None = Field(None, gt=0)
+    """Max p90 latency."""
+    latency_p99_ms: float | None = Field(None, gt=0)
+    """Max p99 latency."""
+    latency_threads: int = Field(1, ge=1)
+    """Thread count at which latency budgets apply (must be in benchmark.threads)."""
+    latency_batch: int = Field(1, ge=1)
+    """Batch size at which latency budgets apply (must be in benchmark.batch_sizes)."""
+    size_kb: float | None = Field(None, gt=0)
+    """Max file size of the deployed model in KiB."""
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    """Min test accuracy of the deployed model."""
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    """Max test-accuracy drop vs the teacher (0.01 = one point)."""
+    min_speedup: float | None = Field(None, gt=0)
+    """Min p50 speed-up of the deployed model vs the teacher, measured in the same run."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `true` is no number of milliseconds
+            raise ValueError(f"must be a number (got {value})")
+        return value
+
+    def as_dict(self) -> dict[str, Any]:
+        """{name: limit} of the budgets that are set, plus latency_threads / latency_batch."""
+        return self.model_dump(exclude_none=True)
 
 
 def normalize_budgets(raw: Any, source: str = "budgets") -> dict[str, Any]:
-    """Validate a budgets mapping: known names only, positive numbers; settings default to 1 thread, batch 1.
+    """Validate a budgets mapping with `BudgetsConfig` (the schema pipeline.yaml uses too).
 
-    Returns {name: limit, ..., "latency_threads": n, "latency_batch": n}; None limits are dropped.
+    Returns {name: limit, ..., "latency_threads": n, "latency_batch": n}; unset limits are left out.
     """
+    if isinstance(raw, BudgetsConfig):
+        return raw.as_dict()
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise InputError(f"{source}: must be a mapping of budget names to limits")
-    budgets: dict[str, Any] = dict(SETTINGS)
-    known = [*BUDGET_SPECS, *SETTINGS]
-    for name, value in raw.items():
-        if name not in known:
-            hint = difflib.get_close_matches(str(name), known, n=1)
-            raise InputError(
-                f"{source}: unknown budget '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                + f"; known budgets: {', '.join(known)}"
-            )
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"{source}.{name}: must be a number (got {value!r})")
-        if name in SETTINGS:
-            if int(value) != value or value < 1:
-                raise InputError(f"{source}.{name}: must be an integer >= 1 (got {value!r})")
-            budgets[name] = int(value)
-        elif value < 0 or (value == 0 and name not in ("max_accuracy_drop", "min_accuracy")):
-            raise InputError(f"{source}.{name}: must be > 0 (got {value!r})")
-        elif name in ACCURACY_BUDGETS and value > 1:
-            raise InputError(f"{source}.{name}: an accuracy is a fraction in [0, 1] (got {value!r})")
-        else:
-            budgets[name] = float(value)
-    return budgets
+    try:
+        return BudgetsConfig.model_validate(raw).as_dict()
+    except ValidationError as exc:
+        raise InputError(format_validation_error(BudgetsConfig, exc, source)) from None
 
 
 def load_budgets_file(path: Path) -> dict[str, Any]:
@@ -161,7 +175,8 @@ def latency_at(row: dict[str, Any] | None, threads: int, batch: int) -> dict[str
     return None
 
 
-def _p50(row: dict[str, Any] | None, threads: int, batch: int) -> float | None:
+def p50_at(row: dict[str, Any] | None, threads: int, batch: int) -> float | None:
+    """The row's p50 latency at threads x batch (None when not measured)."""
     entry = latency_at(row, threads, batch)
     value = entry.get("p50") if entry else None
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
@@ -184,7 +199,7 @@ def budget_value(name: str, row: dict[str, Any], teacher: dict[str, Any] | None,
         ok = teacher is not None and isinstance(teacher.get("accuracy"), (int, float))
         value = teacher["accuracy"] - row["accuracy"] if ok and isinstance(row.get("accuracy"), (int, float)) else None
     elif name == "min_speedup":
-        base, mine = _p50(teacher, threads, batch), _p50(row, threads, batch)
+        base, mine = p50_at(teacher, threads, batch), p50_at(row, threads, batch)
         value = base / mine if base and mine else None
     else:
         raise InputError(f"unknown budget '{name}'")
@@ -244,7 +259,7 @@ def evaluate_report(report: dict[str, Any], budgets: dict[str, Any], artifact: s
     if row is None:
         names = ", ".join(r["name"] for r in report["artifacts"])
         raise InputError(f"artifact '{name}' is not in the report (artifacts: {names})")
-    return evaluate_row(row, find_row(report, "teacher"), budgets)
+    return evaluate_row(row, find_row(report, TEACHER), budgets)
 
 
 def budgets_of_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -253,115 +268,10 @@ def budgets_of_report(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Artifact choice
-
-
-def choose_artifact(rows: list[dict[str, Any]], budgets: dict[str, Any],
-                    not_deployable: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Pick the deployed artifact; returns (choice, candidates).
-
-    Rule: among deployable candidates (not the teacher or the no-KD baseline, not an int8 fallback), the
-    fastest p50 at the budget's threads x batch that meets every budget; else the fastest meeting the
-    accuracy budgets; else the most accurate. The teacher is deployed only when it is the only candidate.
-    """
-    threads, batch = budgets.get("latency_threads", 1), budgets.get("latency_batch", 1)
-    not_deployable = not_deployable or {}
-    teacher = find_row(rows, "teacher")
-    candidates: list[dict[str, Any]] = []
-    for row in rows:
-        name = row["name"]
-        verdicts = evaluate_row(row, teacher, budgets)
-        excluded = None
-        if name == "teacher":
-            excluded = "the reference model (deployed only when it is the only candidate)"
-        elif name == "student_baseline":
-            excluded = "the no-KD control run (shows the KD gain); never deployed"
-        elif name in not_deployable:
-            excluded = f"not deployable: {not_deployable[name]}"
-        candidates.append({
-            "artifact": name, "eligible": excluded is None, "excluded_reason": excluded,
-            "p50_ms": _p50(row, threads, batch), "accuracy": row.get("accuracy"),
-            "passed_all": all(v["passed"] for v in verdicts),
-            "passed_accuracy": all(v["passed"] for v in verdicts if v["name"] in ACCURACY_BUDGETS),
-            "misses": [{k: v[k] for k in ("name", "limit", "value", "over", "over_pct", "message")}
-                       for v in verdicts if not v["passed"]],
-        })
-    pool = [c for c in candidates if c["eligible"]]
-    only_teacher = False
-    if not pool:
-        pool = [c for c in candidates if c["artifact"] == "teacher"]
-        only_teacher = True
-        if not pool:
-            raise InputError("no artifact can be deployed (no candidates and no teacher row)")
-        pool[0]["eligible"] = True
-
-    def speed(c: dict[str, Any]) -> tuple[float, float]:
-        return (c["p50_ms"] if c["p50_ms"] is not None else math.inf, -(c["accuracy"] or 0.0))
-
-    setting = f"{threads} thread{'s' if threads != 1 else ''}, batch {batch}"
-    has_accuracy_budget = any(budgets.get(n) is not None for n in ACCURACY_BUDGETS)
-    passing = sorted((c for c in pool if c["passed_all"]), key=speed)
-    accurate = sorted((c for c in pool if c["passed_accuracy"]), key=speed)
-    if passing:
-        best = passing[0]
-        limits = active_limits(budgets)
-        if not limits:
-            what = "(no budgets set)"
-        elif has_accuracy_budget:
-            others = [n for n in limits if n not in ACCURACY_BUDGETS]
-            what = "meeting the accuracy budgets" + (" and every other budget" if others else "")
-        else:
-            what = "meeting every budget (no accuracy budget set)"
-        rule = f"fastest artifact {what}: p50 {_ms(best['p50_ms'])} at {setting}"
-        reason = rule
-    elif accurate:
-        best = accurate[0]
-        rule = (f"no artifact meets every budget; best candidate: the fastest meeting the accuracy budgets "
-                f"(p50 {_ms(best['p50_ms'])} at {setting})")
-        reason = f"{rule}; misses {_misses(best)}"
-    else:
-        best = max(pool, key=lambda c: (c["accuracy"] or 0.0, -speed(c)[0]))
-        rule = "no artifact meets the accuracy budgets; best candidate: the most accurate"
-        reason = f"{rule}, misses {_misses(best)}"
-    if only_teacher:
-        prefix = "the teacher is the only candidate (no other deployable artifact); "
-        rule, reason = prefix + rule, prefix + reason
-    speedup = next((r.get("speedup_vs_teacher") for r in rows if r["name"] == best["artifact"]), None)
-    if speedup and best["artifact"] != "teacher" and best["passed_all"]:
-        reason += f", {speedup:.2f}x the teacher's speed"
-        rule = reason
-    choice = {"artifact": best["artifact"], "reason": reason, "rule": rule, "budgets_passed": best["passed_all"],
-              "threads": threads, "batch": batch}
-    return choice, candidates
-
-
-def _ms(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.3f} ms"
-
-
-def _misses(candidate: dict[str, Any]) -> str:
-    return "; ".join(m["message"] for m in candidate["misses"]) or "nothing"
-
-
-# --------------------------------------------------------------------------------------------------
-# Console lines, JUnit, compare (implementations in edgekd.report.*)
+# Console lines
 
 
 def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
     """'PASS ...' / 'FAIL ...' lines, failures first, for the console."""
     ordered = sorted(verdicts, key=lambda v: v["passed"])
     return [f"{'PASS' if v['passed'] else 'FAIL'} {v['message']}" for v in ordered]
-
-
-def write_junit_for_report(report_path: Path, junit_path: Path) -> None:
-    """JUnit XML of report.json's budget verdicts (one test case per budget) for CI systems."""
-    from edgekd.report.junit import write_junit_for_report as _write
-
-    _write(Path(report_path), Path(junit_path))
-
-
-def compare_reports(base: dict[str, Any], new: dict[str, Any], **options: Any) -> dict[str, Any]:
-    """Compare two reports; see edgekd.report.compare.compare_reports for the options and verdicts."""
-    from edgekd.report.compare import compare_reports as _compare
-
-    return _compare(base, new, **options)

@@ -1,9 +1,9 @@
 """torchrun / DistributedDataParallel support, without a home-made distribution layer.
 
 `torchrun --nproc_per_node N -m edgekd run pipeline.yaml` starts N processes with RANK / WORLD_SIZE /
-LOCAL_RANK set. Every rank walks the same stages; rank 0 decides which stages run (and broadcasts the
-decision), owns the run directory, the manifest, the log and the report. The training stages (teacher,
-distill, prune recovery) run on every rank through `training.fit`, which shards each epoch with
+LOCAL_RANK set (`edgekd.runner.launch` joins the process group). Every rank walks the same stages; rank 0
+decides which stages run (and broadcasts the decision), owns the run directory, the manifest, the log and
+the report. The training stages (teacher, distill, prune recovery) run on every rank through `train.loop.fit`, which shards each epoch with
 DistributedSampler and wraps the model in DDP; the other stages run on rank 0 while the rest wait at a
 barrier. A rank that fails exits non-zero and torchrun tears the group down; collectives have a timeout
 (EDGEKD_DIST_TIMEOUT_S, default 1800 s) so nothing hangs forever.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 from typing import Any
-
-from edgekd.config import PipelineConfig
 
 _STATE: dict[str, Any] = {"initialized": False}
 
@@ -131,18 +129,3 @@ def share_module_from_main(module: Any) -> Any:
         apply_structure(module, payload["structure"])
         module.load_state_dict(payload["state"])
     return module
-
-
-def launch(cfg: PipelineConfig, **options: Any) -> Any:
-    """Run the pipeline; returns the RunOutcome (None on ranks other than 0 under torchrun)."""
-    from edgekd.pipeline import run_pipeline
-
-    if world_size() <= 1:
-        return run_pipeline(cfg, **options)
-    options["device"] = init(options.get("device") or cfg.device)
-    try:
-        outcome = run_pipeline(cfg, **options)
-        barrier()
-    finally:
-        shutdown()
-    return outcome if is_main() else None

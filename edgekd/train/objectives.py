@@ -1,7 +1,7 @@
 """Training objectives. Each returns (total loss, dict of named parts) so CE and KD parts are logged apart.
 
-`make_kd_objective` is the one place a KD objective is built from the config; the distill stage and the
-prune stage's recovery fine-tuning both use it.
+`make_kd_objective` is the one place a KD objective is built from its settings (`KDConfig`); the distill
+stage and the prune stage's recovery fine-tuning both use it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # keep `import edgekd.losses` free of pydantic/data imports
-    from edgekd.config import PipelineConfig
-    from edgekd.data import DataBundle
-    from edgekd.hints import FeatureHint
+if TYPE_CHECKING:  # keep `import edgekd.train.objectives` free of pydantic/data imports
+    from edgekd.data.bundle import DataBundle
+    from edgekd.train.config import KDConfig
+    from edgekd.train.hints import FeatureHint
 
 # Above this size the logit cache lives in host memory: it must never crowd out training on a GPU.
 CACHE_DEVICE_LIMIT_BYTES = 1 << 30
@@ -160,32 +160,26 @@ class DistillationObjective(Objective):
 
 
 def make_kd_objective(
-    cfg: PipelineConfig,
+    kd: KDConfig,
     teacher: nn.Module,
     data: DataBundle,
     device: torch.device,
     *,
-    augment: bool | None = None,
+    augment: bool,
     hint: FeatureHint | None = None,
 ) -> DistillationObjective:
-    """The KD objective of this run: temperature, alpha, label smoothing and caching from `cfg.distill`
-    (its defaults when the distill stage is switched off).
+    """The KD objective: temperature, alpha, label smoothing and caching from `kd`.
 
-    `augment` is whether the training this objective serves augments its inputs (default
-    `cfg.distill.augment`; the prune stage passes `cfg.prune.finetune.augment`). The teacher-logit cache is
-    allocated only when it can be hit: augmentation off, `distill.cache_teacher_logits` on, and no hint.
+    `augment` is whether the training this objective serves augments its inputs. The teacher-logit cache is
+    allocated only when it can be hit: augmentation off, `kd.cache_teacher_logits` on, and no hint.
     One objective may serve several `fit` calls (e.g. iterative pruning steps): the cache stays valid as
     long as the teacher and the training split do not change.
     """
-    from edgekd.config import DistillConfig
-
-    settings = cfg.distill or DistillConfig()
-    augment = settings.augment if augment is None else augment
     cache = None
-    if settings.cache_teacher_logits and not augment and hint is None:
+    if kd.cache_teacher_logits and not augment and hint is None:
         num_samples, num_classes = len(data.train), data.meta.num_classes
         on_device = num_samples * num_classes * 4 <= CACHE_DEVICE_LIMIT_BYTES
         cache = TeacherLogitCache(num_samples, num_classes, device if on_device else "cpu")
     return DistillationObjective(
-        teacher, settings.temperature, settings.alpha, cache=cache, hint=hint, label_smoothing=settings.label_smoothing
+        teacher, kd.temperature, kd.alpha, cache=cache, hint=hint, label_smoothing=kd.label_smoothing
     )

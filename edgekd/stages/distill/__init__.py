@@ -4,28 +4,37 @@ student without KD from the same initial weights, schedule, seed and data, so th
 from __future__ import annotations
 
 import copy
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from edgekd.config import PipelineConfig
-from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import build_model, data_view, load_artifact_model, section
+from edgekd.runner.context import RunContext
+from edgekd.runner.contract import StagePlan, StageResult
+from edgekd.stages import teacher as teacher_stage
+from edgekd.stages.distill.config import DistillConfig, StudentConfig
+
+if TYPE_CHECKING:
+    from edgekd.config import PipelineConfig
+
+log = logging.getLogger("edgekd")
 
 NAME = "distill"
-DISTRIBUTED = True  # trains on every rank under torchrun
-STUDENT = "student.pt"
-BASELINE = "student_baseline.pt"
+STUDENT_MODEL, BASELINE_MODEL = "student", "student_baseline"
+STUDENT, BASELINE = f"{STUDENT_MODEL}.pt", f"{BASELINE_MODEL}.pt"
 
 
-def enabled(cfg: PipelineConfig) -> bool:
-    return cfg.distill_enabled
+@dataclass(frozen=True)
+class DistillJob:
+    distill: DistillConfig
+    student: StudentConfig
 
 
-def depends_on(cfg: PipelineConfig) -> list[str]:
-    return ["teacher"]
-
-
-def config_view(cfg: PipelineConfig) -> dict[str, Any]:
-    return {**data_view(cfg), "student": section(cfg.student), "distill": section(cfg.distill)}
+def plan(cfg: PipelineConfig) -> StagePlan | None:
+    if cfg.distill is None:
+        return None
+    view = {**cfg.data_view(), "student": cfg.student.view(), "distill": cfg.distill.view()}
+    return StagePlan(settings=DistillJob(cfg.distill, cfg.student), view=view, depends_on=(teacher_stage.NAME,),
+                     distributed=True)
 
 
 def check_sizes(student_params: int, teacher_params: int) -> bool:
@@ -39,29 +48,30 @@ def check_sizes(student_params: int, teacher_params: int) -> bool:
     return True
 
 
-def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
-    from edgekd.hints import build_hint
-    from edgekd.losses import CrossEntropyObjective, make_kd_objective
+def run(job: DistillJob, ctx: RunContext) -> StageResult:
     from edgekd.models import count_parameters, model_meta
     from edgekd.models.checkpoint import save_checkpoint
-    from edgekd.training import accuracy, agreement, fit, predict
+    from edgekd.train.hints import build_hint
+    from edgekd.train.loop import accuracy, agreement, fit, predict
+    from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective
 
-    assert cfg.distill is not None  # enabled() guarantees it
-    settings, data, device = cfg.distill, ctx.data, ctx.device
-    eval_batch = cfg.data.eval_batch_size
+    settings, student_spec = job.distill, job.student
+    data, device = ctx.data, ctx.device
+    eval_batch = ctx.data_config.eval_batch_size
 
-    teacher = load_artifact_model(ctx, "teacher.pt")
-    student = build_model(ctx, cfg.student.model, cfg.student.model_kwargs, "student.model").to(device)
+    teacher = ctx.load_model(teacher_stage.ARTIFACT)
+    student = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model").to(device)
     initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     check_sizes(student_params, teacher_params)
 
-    hint = build_hint(cfg, teacher, student, data, device)  # validates the layer names before any training
+    hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names before any training
     teacher_val = predict(teacher, data.val, data, device, eval_batch)
     teacher_test = predict(teacher, data.test, data, device, eval_batch)
-    common = dict(device=device, seed=cfg.seed, batch_size=cfg.data.batch_size, eval_batch_size=eval_batch, log=log.info)
+    common = dict(device=device, seed=ctx.seed, batch_size=ctx.data_config.batch_size, eval_batch_size=eval_batch,
+                  log=log.info)
 
-    objective = make_kd_objective(cfg, teacher, data, device, hint=hint)
+    objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint)
     log.info(
         "  KD: T=%g alpha=%g%s, teacher logits %s", settings.temperature, settings.alpha,
         f", hint {hint.layers['teacher']} <- {hint.layers['student']} (beta={hint.weight:g})" if hint else "",
@@ -74,7 +84,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     student_test = predict(student, data.test, data, device, eval_batch)
 
     metrics: dict[str, Any] = {
-        "model": cfg.student.model,
+        "model": student_spec.model,
         "temperature": settings.temperature,
         "alpha": settings.alpha,
         "hint": {**hint.layers, "weight": hint.weight, "shapes": hint.shapes} if hint else None,
@@ -99,7 +109,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     }
     artifacts = {STUDENT: student}
     if settings.baseline:
-        baseline = build_model(ctx, cfg.student.model, cfg.student.model_kwargs, "student.model")
+        baseline = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model")
         baseline.load_state_dict(initial_state)
         base = fit(
             baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
@@ -118,7 +128,7 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
         artifacts[BASELINE] = baseline
 
     # Written only now: a failure in either training leaves no student file behind.
-    meta = model_meta(cfg.student.model, cfg.student.model_kwargs, "student")
+    meta = model_meta(student_spec.model, student_spec.model_kwargs, STUDENT_MODEL)
     for name, model in artifacts.items():
         save_checkpoint(model, ctx.path(name), meta)
     summary = f"{student_params:,} params, test {metrics['student_test_accuracy']:.4f}"

@@ -11,6 +11,7 @@ not deployable (`fallback`), so the report deploys the fp32 model instead.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,28 +19,16 @@ from typing import Any
 import numpy as np
 
 from edgekd import atomic
-from edgekd.config import PipelineConfig
 from edgekd.errors import EdgekdError, InputError, StageFailed
-from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import data_view, section
+from edgekd.runner.context import RunContext
+from edgekd.runner.contract import StageResult
+from edgekd.stages.export import MODEL_ORDER, VAL_ARTIFACT, ort_sidecars
+from edgekd.stages.quantize import ARTIFACT, MODELS, QuantizeJob
 
-NAME = "quantize"
-ARTIFACT = "model.int8.onnx"
-SOURCE_ORDER = ("pruned", "student", "teacher")
+log = logging.getLogger("edgekd")
+
+SOURCE_ORDER = tuple(reversed(MODEL_ORDER))  # auto: the last model of the chain
 TIMING_ITERATIONS = 100
-
-
-def enabled(cfg: PipelineConfig) -> bool:
-    return cfg.quantize_enabled
-
-
-def depends_on(cfg: PipelineConfig) -> list[str]:
-    return ["export"]
-
-
-def config_view(cfg: PipelineConfig) -> dict[str, Any]:
-    # data decides the calibration images; ort_format whether a .ort copy is made
-    return {**data_view(cfg), "quantize": section(cfg.quantize), "ort_format": cfg.export.ort_format}
 
 
 def resolve_source(requested: str, exported: dict[str, Any]) -> str:
@@ -57,7 +46,7 @@ def resolve_source(requested: str, exported: dict[str, Any]) -> str:
 
 def calibration_inputs(data: Any, samples: int, seed: int) -> np.ndarray:
     """Normalized TRAINING images for calibration (a seeded sample; never val or test)."""
-    from edgekd.quantization import calibration_indices
+    from edgekd.stages.quantize.quantization import calibration_indices
 
     index = calibration_indices(len(data.train), samples, seed)
     return data.normalize(data.train.images[index]).numpy()
@@ -71,7 +60,7 @@ def _fixed_batch(path: Path) -> int | None:
 
 
 def _alternatives(base: Any, auto_reduce: bool, mode: str, ops: set[str]) -> list[Any]:
-    from edgekd.quantization import with_label as w
+    from edgekd.stages.quantize.quantization import with_label as w
 
     if mode == "dynamic":
         alts = [w(base, "uint8 weights", weight_type="uint8"),
@@ -113,18 +102,19 @@ def _pick(attempts: list[dict[str, Any]], max_drop: float) -> dict[str, Any] | N
     return min(ok, key=lambda a: (a["accuracy_drop"], -a["speedup"])) if ok else None
 
 
-def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
+def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     import onnx
 
-    from edgekd import quantization as qz
-    from edgekd.onnx_export import set_metadata
     from edgekd.runtime.evaluate import load_eval_npz
+    from edgekd.stages.export import onnx_name
+    from edgekd.stages.export.exporter import set_metadata
+    from edgekd.stages.quantize import quantization as qz
 
-    q = cfg.quantize
-    exported = ctx.metrics("export").get("models", {})
+    q = job.quantize
+    exported = ctx.manifest.metrics("export").get("models", {})
     source = resolve_source(q.source, exported)
-    src = ctx.artifact(f"{source}.onnx")
-    val = load_eval_npz(ctx.artifact("val.npz"))
+    src = ctx.artifact(onnx_name(source))
+    val = load_eval_npz(ctx.artifact(VAL_ARTIFACT))
     cpu = qz.cpu_features()
     act, reduce, why = qz.choose_for_cpu(q.activation_type, q.reduce_range, q.weight_type, cpu)
     base = qz.QuantSettings(
@@ -135,15 +125,15 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     _, auto_reduce, _ = qz.choose_for_cpu("auto", "auto", "int8", cpu)
     metrics: dict[str, Any] = {
         "source": source, "source_path": src.name, "path": ARTIFACT, "mode": q.mode,
-        "artifact_name": "int8" if q.mode == "static" else "int8_dynamic",
+        "artifact_name": MODELS[q.mode],
         "cpu_flags": {**cpu, "activation_type": act, "reduce_range": reduce, "why": why,
                       "auto": {"activation_type": q.activation_type == "auto", "reduce_range": q.reduce_range == "auto"}},
     }
     reader = None
     if q.mode == "static":
-        calib = calibration_inputs(ctx.data, q.calibration.samples, cfg.seed)
+        calib = calibration_inputs(ctx.data, q.calibration.samples, ctx.seed)
         reader = qz.ArrayCalibrationReader(calib, batch_size=_fixed_batch(src) or 32)
-        metrics["calibration"] = {"method": q.calibration.method, "split": "train", "seed": cfg.seed,
+        metrics["calibration"] = {"method": q.calibration.method, "split": "train", "seed": ctx.seed,
                                   "samples_requested": q.calibration.samples, "samples_used": len(calib)}
     fp32_pred = qz.predictions(src, val.inputs)
     fp32_accuracy = float(np.mean(fp32_pred == val.labels))
@@ -227,14 +217,12 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
     if not metrics["faster_than_fp32"]:
         log.warning("  int8 is not faster than %s fp32 on this CPU (x%.2f%s); the benchmark decides what ships",
                     source, best["speedup"], "" if metrics["smaller_than_fp32"] else ", and not smaller")
-    if cfg.export.ort_format:
+    if job.ort_format:
         from edgekd.runtime.mobile import convert_to_ort_with_reason
 
         path, error = convert_to_ort_with_reason(ctx.path(ARTIFACT), ctx.run_dir)
         metrics["ort_path"], metrics["ort_error"] = (path.name if path else None), error
         if path is not None:
-            from edgekd.stages.export import ort_sidecars
-
             artifacts += [path.name, *ort_sidecars(ctx.run_dir, path)]
     summary = (f"{metrics['artifact_name']} from {source}: {best['label']}, x{best['speedup']:.2f} vs fp32, "
                f"{int8_size / fp32_size:.2f} of the size, val drop {drop:+.4f}"

@@ -8,9 +8,9 @@ failed export leaves no new file behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,36 +18,18 @@ from typing import Any
 import numpy as np
 
 from edgekd import atomic
-from edgekd.config import PipelineConfig
-from edgekd.pipeline import RunContext, StageResult, log
-from edgekd.stages import data_view, model_factories, section
+from edgekd.runner.context import RunContext
+from edgekd.runner.contract import StageResult
+from edgekd.stages.export import EVAL_ARTIFACT, MODEL_ORDER, VAL_ARTIFACT, ExportConfig, onnx_name, ort_sidecars
 
-NAME = "export"
-MODEL_ORDER = ("teacher", "student", "student_baseline", "pruned")
-EVAL_ARTIFACT = "eval.npz"
-VAL_ARTIFACT = "val.npz"
+log = logging.getLogger("edgekd")
+
 _STAGING_PREFIX = ".staging-export-"
 
 
-def enabled(cfg: PipelineConfig) -> bool:
-    return True
-
-
-def depends_on(cfg: PipelineConfig) -> list[str]:
-    return ["teacher", *(["distill"] if cfg.distill_enabled else []), *(["prune"] if cfg.prune_enabled else [])]
-
-
-def config_view(cfg: PipelineConfig) -> dict[str, Any]:
-    return {**data_view(cfg), "export": section(cfg.export)}
-
-
-def models_to_export(cfg: PipelineConfig, ctx: RunContext) -> list[str]:
-    """Checkpoint names (teacher, student, ...) written by the stages export depends on, in pipeline order."""
-    names: set[str] = set()
-    for stage in depends_on(cfg):
-        for artifact in ctx.manifest.get("stages", {}).get(stage, {}).get("artifacts", {}):
-            if artifact.endswith(".pt"):
-                names.add(artifact[:-3])
+def models_to_export(ctx: RunContext, depends_on: tuple[str, ...]) -> list[str]:
+    """Checkpoint names (teacher, student, ...) written by the stages export depends on, in report order."""
+    names = {artifact[:-3] for stage in depends_on for artifact in ctx.manifest.artifacts(stage) if artifact.endswith(".pt")}
     return sorted(names, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else len(MODEL_ORDER), n))
 
 
@@ -65,26 +47,16 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         np.savez(handle, **arrays)  # uncompressed: loads fast on a device, hashes once
 
 
-def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
+def export_stage(opts: ExportConfig, ctx: RunContext, depends_on: tuple[str, ...]) -> StageResult:
     import torch
 
-    from edgekd.models import load_model
-    from edgekd.onnx_export import (
-        build_metadata,
-        check_parity,
-        count_macs,
-        export_onnx,
-        parity,
-    )
-    from edgekd.pipeline import stage_fingerprint
+    from edgekd.stages.export.exporter import build_metadata, check_parity, count_macs, export_onnx, parity
 
-    opts = cfg.export
     data, meta = ctx.data, ctx.data.meta
     preprocess = meta.preprocess()
     val_x, val_y = data.normalized("val")
     test_x, test_y = data.normalized("test")
     batch_sizes = list(dict.fromkeys(opts.parity_batch_sizes)) if opts.dynamic_batch else [1]
-    fingerprint = stage_fingerprint(sys.modules[__name__], cfg, ctx.manifest, metrics=False)  # no timings
     for stale in ctx.run_dir.glob(f"{_STAGING_PREFIX}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=ctx.run_dir))
@@ -92,15 +64,14 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
         models: dict[str, dict[str, Any]] = {}
         written: list[str] = []
         example = torch.from_numpy(val_x[:2] if opts.dynamic_batch else val_x[:1])
-        for name in models_to_export(cfg, ctx):
+        for name in models_to_export(ctx, depends_on):
             checkpoint = ctx.artifact(f"{name}.pt")
-            model = load_model(checkpoint, num_classes=meta.num_classes, in_channels=meta.channels,
-                               input_size=meta.height, factories=model_factories(cfg)).cpu().eval()
+            model = ctx.load_model(checkpoint.name, device="cpu")
             metadata = build_metadata(
                 labels=meta.labels, preprocess=preprocess, artifact=name, source_artifact=checkpoint.name,
-                source_sha256=atomic.sha256_file(checkpoint), config_fingerprint=fingerprint,
+                source_sha256=atomic.sha256_file(checkpoint), config_fingerprint=ctx.content_fingerprint,
                 extra={"exporter": "dynamo" if opts.dynamo else "torchscript", "opset_requested": opts.opset})
-            result = export_onnx(model, example, staging / f"{name}.onnx", opset=opts.opset, dynamo=opts.dynamo,
+            result = export_onnx(model, example, staging / onnx_name(name), opset=opts.opset, dynamo=opts.dynamo,
                                  dynamic_batch=opts.dynamic_batch, metadata=metadata, name=name)
             result.parity = parity(model, result.path, val_x, batch_sizes)
             check_parity(result.parity, opts.parity_atol, name)
@@ -112,11 +83,11 @@ def run(cfg: PipelineConfig, ctx: RunContext) -> StageResult:
                          name, opts.opset, result.opset_written)
             log.info("  %s.onnx: opset %d, %d bytes, parity %s", name, result.opset_written, result.size_bytes,
                      ", ".join(f"b{r['batch']}={r['max_abs_diff']:.1e}" for r in result.parity))
-            if name == "teacher":
+            if name == MODEL_ORDER[0]:  # the teacher's predictions: what agreement is measured against
                 _save_npz(staging / EVAL_ARTIFACT, inputs=test_x, labels=test_y,
-                          teacher_predictions=_teacher_top1(model, test_x, cfg.data.eval_batch_size))
+                          teacher_predictions=_teacher_top1(model, test_x, ctx.data_config.eval_batch_size))
                 _save_npz(staging / VAL_ARTIFACT, inputs=val_x, labels=val_y,
-                          teacher_predictions=_teacher_top1(model, val_x, cfg.data.eval_batch_size))
+                          teacher_predictions=_teacher_top1(model, val_x, ctx.data_config.eval_batch_size))
                 written += [EVAL_ARTIFACT, VAL_ARTIFACT]
         if opts.ort_format:
             written += _ort_copies(staging, models)
@@ -154,9 +125,3 @@ def _ort_copies(staging: Path, models: dict[str, dict[str, Any]]) -> list[str]:
         else:
             log.warning("  %s: no .ort copy (%s)", name, reason)
     return written
-
-
-def ort_sidecars(folder: Path, ort_path: Path) -> list[str]:
-    """Files the ORT converter leaves beside a .ort (the operator list a minimal ORT build needs)."""
-    config = folder / f"{ort_path.stem}.required_operators.config"
-    return [config.name] if config.is_file() else []

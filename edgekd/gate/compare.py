@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from edgekd.budgets import find_row, latency_at
+from edgekd.gate.budgets import find_row, latency_at
 from edgekd.errors import InputError
+from edgekd.stages.teacher.config import MODEL as TEACHER
 
 EXIT_CODES = {"pass": 0, "regression": 1, "inconclusive": 4}
 _Z = {"p50": 0.0, "p90": 1.2816, "p99": 2.3263}
@@ -163,7 +164,7 @@ def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_latency_re
         if row["name"] != deployed_new and find_row(base, row["name"]) is not None:
             pairs.append((row["name"], find_row(base, row["name"]), row, all_artifacts))
 
-    teacher_base, teacher_new = find_row(base, "teacher"), find_row(new, "teacher")
+    teacher_base, teacher_new = find_row(base, TEACHER), find_row(new, TEACHER)
     where = f"@{threads}t b{batch}"
     rows: list[dict[str, Any]] = []
     for label, b_row, n_row, gated in pairs:
@@ -179,7 +180,7 @@ def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_latency_re
         note = "" if same_env or gate_absolute else "different environments: not gated"
         rows.append(_latency_row(label, f"{percentile} ms {where}", b_val, n_val, max_latency_regression, noise,
                                  noise_floor, gated and gate_absolute, note))
-        if n_row["name"] != "teacher" and teacher_base and teacher_new:
+        if n_row["name"] != TEACHER and teacher_base and teacher_new:
             tb, tn = (latency_at(teacher_base, threads, batch) or {}).get(percentile), (
                 latency_at(teacher_new, threads, batch) or {}).get(percentile)
             b_ratio = b_val / tb if b_val and tb else None

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.config import TrainConfig
-from edgekd.data import DataBundle, Split
+from edgekd.data.bundle import DataBundle, Split
 from edgekd.errors import InputError, StageFailed
-from edgekd.losses import CrossEntropyObjective, Objective
+from edgekd.train import distributed
+from edgekd.train.config import TrainConfig
+from edgekd.train.objectives import CrossEntropyObjective, Objective
 
 SHIFT_PIXELS = 2
 
@@ -176,8 +177,6 @@ def fit(
     loss parts are all-reduced, and every rank validates on the whole (small) validation split, so all ranks
     select the same best epoch.
     """
-    from edgekd import distributed
-
     from tqdm import tqdm
 
     objective = objective or CrossEntropyObjective(cfg.label_smoothing)

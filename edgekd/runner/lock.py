@@ -1,0 +1,92 @@
+"""One edgekd run per run directory: a lock file, with stale locks (dead process) taken over."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgekd.errors import InputError
+
+LOCK = ".edgekd.lock"
+
+log = logging.getLogger("edgekd")
+
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _acquiring(run_dir: Path) -> Iterator[None]:
+    """Serializes lock acquisition between processes with flock on the run directory itself (no extra file;
+    the kernel drops it if the process dies). Without it, a second process could read the lock file in the
+    instant between its creation and its record being written, or two processes could both take over one
+    stale lock, and both would run."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the O_EXCL create below still keeps two runs apart, minus these races
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One edgekd run per run directory; a lock left by a dead process is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _acquiring(run_dir):
+        _acquire(run_dir / LOCK, run_dir)
+    try:
+        yield
+    finally:
+        (run_dir / LOCK).unlink(missing_ok=True)
+
+
+def _acquire(lock_path: Path, run_dir: Path) -> None:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock_path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            same_host = holder.get("host") == record["host"]
+            if holder and same_host and _process_alive(int(holder.get("pid", -1))):
+                raise InputError(
+                    f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish "
+                    f"(if no edgekd run is using it, remove {lock_path})"
+                ) from None
+            if holder and not same_host:
+                raise InputError(
+                    f"{run_dir}: locked by edgekd on host {holder.get('host')} (pid {holder.get('pid')}); "
+                    f"remove {lock_path} if that run is gone"
+                ) from None
+            log.warning("taking over a stale lock left by pid %s", holder.get("pid", "?"))
+            lock_path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+        return
+    raise InputError(f"{run_dir}: could not take the lock {lock_path}; remove it if no edgekd run is using it")
+
+

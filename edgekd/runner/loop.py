@@ -1,0 +1,284 @@
+"""The run loop: fingerprints, skip/resume, the manifest on disk, the log.
+
+Stage modules (`edgekd.stages.<name>` for each name in `contract.STAGES`) are imported by name when the
+loop reaches them, and import torch only inside `run`, so a fully cached rerun never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from edgekd import __version__, atomic
+from edgekd.errors import EdgekdError, InputError, StageFailed
+from edgekd.runner.context import RunContext
+from edgekd.runner.contract import STAGES, Manifest, StagePlan, StageRecord, StageResult
+from edgekd.runner.lock import run_lock
+from edgekd.train import distributed
+from edgekd.yamlio import dump_yaml
+
+if TYPE_CHECKING:
+    from edgekd.config import PipelineConfig
+
+MANIFEST = "manifest.json"
+LOG = "log.txt"
+
+log = logging.getLogger("edgekd")
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    manifest: Manifest
+
+    @property
+    def budgets_passed(self) -> bool:
+        return bool(self.manifest.metrics("report").get("budgets_passed", True))
+
+
+def load_stage(name: str) -> ModuleType:
+    return importlib.import_module(f"edgekd.stages.{name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def hash_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(name: str, plan: StagePlan, manifest: Manifest, *, metrics: bool = True) -> str:
+    """Hash of the stage's config view, its dependencies' artifacts (and metrics) and the edgekd version.
+
+    The benchmark stage hands its results on as metrics only, so a re-measured benchmark must re-render the
+    report. metrics=False leaves the metrics out: metrics hold timings, so that fingerprint is the one to
+    write INTO artifacts (the same config and inputs give byte-identical files run after run).
+    """
+    inputs: dict[str, Any] = {}
+    for dep in plan.depends_on:
+        inputs[dep] = {"artifacts": manifest.artifacts(dep)}
+        if metrics:
+            inputs[dep]["metrics"] = hash_json(manifest.metrics(dep))
+    return hash_json({"stage": name, "config": plan.view, "inputs": inputs, "version": __version__})
+
+
+def _artifacts_intact(run_dir: Path, record: StageRecord) -> bool:
+    for name, digest in record.artifacts.items():
+        path = run_dir / name
+        if not path.is_file() or atomic.sha256_file(path) != digest:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest and log files
+
+
+def read_manifest(run_dir: Path) -> Manifest:
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return Manifest()
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); delete it to start the run afresh") from None
+    return Manifest.from_json(data, str(path))
+
+
+def write_manifest(run_dir: Path, manifest: Manifest) -> None:
+    manifest.edgekd_version = __version__
+    manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic.write_json(run_dir / MANIFEST, manifest.to_json())
+
+
+@contextlib.contextmanager
+def _log_to(run_dir: Path) -> Iterator[None]:
+    handler = logging.FileHandler(run_dir / LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _append_log(run_dir: Path, text: str) -> None:
+    with open(run_dir / LOG, "a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def setup_console_logging(verbose: bool = False, quiet: bool = False) -> None:
+    import sys
+
+    if any(getattr(h, "_edgekd_console", False) for h in log.handlers):
+        return
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console._edgekd_console = True  # type: ignore[attr-defined]
+    log.addHandler(console)
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def _select(only: list[str], from_stage: str | None, force: list[str]) -> tuple[list[str], set[str]]:
+    for name in [*only, *force, *([from_stage] if from_stage else [])]:
+        if name not in STAGES:
+            raise InputError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    forced = set(force)
+    if from_stage:
+        forced |= set(STAGES[STAGES.index(from_stage):])
+    selected = [s for s in STAGES if not only or s in only]
+    return selected, forced
+
+
+def context_for(cfg: PipelineConfig, manifest: Manifest, device: str | None = None) -> RunContext:
+    """The context stages of this config run in (`device` overrides the config's)."""
+    return RunContext(run_dir=cfg.run_dir, manifest=manifest, seed=cfg.seed, data_config=cfg.data,
+                      device=device or cfg.device, model_factories=cfg.model_factories)
+
+
+def run_pipeline(
+    cfg: PipelineConfig | str | Path,
+    *,
+    only: list[str] | None = None,
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    output_dir: Path | None = None,
+    device: str | None = None,
+) -> RunOutcome:
+    """Run the stages in order, skipping those whose fingerprint matches the run directory's manifest.
+
+    Under torchrun every rank calls this; rank 0 decides and writes, the others follow (see runner.launch).
+    """
+    if isinstance(cfg, (str, Path)):
+        from edgekd.config import load_config
+
+        cfg = load_config(cfg)
+    if output_dir is not None:
+        cfg.output_dir = Path(output_dir).resolve()
+    selected, forced = _select(list(only or []), from_stage, list(force or []))
+    run_dir = cfg.run_dir
+    main = distributed.is_main()
+    setup_console_logging(quiet=not main)
+    with (run_lock(run_dir) if main else contextlib.nullcontext()), (_log_to(run_dir) if main else contextlib.nullcontext()):
+        manifest = Manifest()
+        if main:
+            atomic.remove_stale_temps(run_dir)
+            manifest = read_manifest(run_dir)
+            atomic.write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
+            log.info("edgekd %s: run directory %s", __version__, run_dir)
+        ctx = context_for(cfg, distributed.broadcast_object(manifest), device)
+        planner = _Planner(run_dir, selected, forced)
+        ran: list[str] = []
+        skipped: list[str] = []
+        for name in STAGES:
+            module = load_stage(name)
+            plan = module.plan(cfg)
+            decision = None
+            if main:
+                try:
+                    decision = planner.decide(name, plan, ctx.manifest)
+                except EdgekdError as exc:
+                    distributed.broadcast_object(("abort", str(exc)))
+                    raise
+            action, detail = distributed.broadcast_object(decision)
+            if action == "abort":
+                raise StageFailed(f"rank {distributed.rank()}: rank 0 stopped the run: {detail}")
+            if action == "skip":
+                skipped.append(name)
+            if action != "run":
+                continue
+            if main or plan.distributed:
+                _run_stage(name, module, plan, ctx, detail)
+            distributed.barrier()  # artifacts are in place before any rank reads them
+            ctx.manifest = distributed.broadcast_object(ctx.manifest)
+            ran.append(name)
+        return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=ctx.manifest)
+
+
+class _Planner:
+    """Decides, stage by stage, whether to run, skip (up to date) or leave out each stage."""
+
+    def __init__(self, run_dir: Path, selected: list[str], forced: set[str]) -> None:
+        self.run_dir = run_dir
+        self.selected = selected
+        self.forced = forced
+        self.stale: set[str] = set()  # not selected by --only and not up to date
+
+    def decide(self, name: str, plan: StagePlan | None, manifest: Manifest) -> tuple[str, str]:
+        if plan is None:
+            log.info("[%s] switched off in the config", name)
+            manifest.stages.pop(name, None)
+            return "off", ""
+        print_ = fingerprint(name, plan, manifest)
+        record = manifest.record(name)
+        cached = (record is not None and record.status == "done" and record.fingerprint == print_
+                  and _artifacts_intact(self.run_dir, record))
+        if name not in self.selected:
+            if not cached:
+                self.stale.add(name)
+            return "off", ""
+        if cached and name not in self.forced:
+            log.info("[%s] up to date (fingerprint %s), skipped", name, print_)
+            return "skip", print_
+        stale_inputs = [d for d in plan.depends_on if d in self.stale]
+        if stale_inputs:
+            raise InputError(
+                f"stage '{name}' needs {', '.join(stale_inputs)}, which is not up to date in {self.run_dir}; "
+                f"run it too (add --only {stale_inputs[0]})"
+            )
+        return "run", print_
+
+
+def _run_stage(name: str, module: ModuleType, plan: StagePlan, ctx: RunContext, print_: str) -> None:
+    manifest = ctx.manifest
+    main = distributed.is_main()
+    if main:
+        # Forget the stage before touching its files: if we are killed midway, the rerun redoes it.
+        previous = manifest.stages.pop(name, None)
+        write_manifest(ctx.run_dir, manifest)
+        for artifact in (previous.artifacts if previous else {}):
+            ctx.path(artifact).unlink(missing_ok=True)
+    log.info("[%s] running", name)
+    ctx.stage, ctx.depends_on = name, plan.depends_on
+    ctx.content_fingerprint = fingerprint(name, plan, manifest, metrics=False)
+    started = time.perf_counter()
+    try:
+        result: StageResult = module.run(plan.settings, ctx)
+    except EdgekdError as exc:  # the CLI prints it on stderr; log.txt keeps it too
+        if main:
+            _append_log(ctx.run_dir, f"[{name}] failed: {exc}\n")
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a bug or a library failure: one line on the console, the traceback in log.txt
+        log.debug("%s", traceback.format_exc())
+        _append_log(ctx.run_dir, traceback.format_exc())
+        raise StageFailed(f"stage {name} failed: {type(exc).__name__}: {exc} (traceback in {ctx.run_dir / LOG})") from exc
+    wall = time.perf_counter() - started
+    if not main:
+        return
+    manifest.stages[name] = StageRecord(
+        fingerprint=print_, config=plan.view, artifacts={a: atomic.sha256_file(ctx.path(a)) for a in result.artifacts},
+        metrics=result.metrics, summary=result.summary, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        wall_s=round(wall, 3))
+    write_manifest(ctx.run_dir, manifest)
+    log.info("[%s] done in %.1f s%s", name, wall, f": {result.summary}" if result.summary else "")

@@ -1,0 +1,37 @@
+"""The `benchmark:` section of pipeline.yaml."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from edgekd.validation import Section
+
+
+class BenchmarkConfig(Section):
+    threads: list[int] = [1, 2]
+    """Intra-op thread counts measured."""
+    batch_sizes: list[int] = [1, 32]
+    """Batch sizes measured."""
+    warmup: int = Field(20, ge=0)
+    """Warm-up runs per model and setting."""
+    iterations: int = Field(200, ge=5)
+    """Timed runs per model and setting (interleaved across models)."""
+    chunk: int = Field(10, ge=1)
+    """Runs per model before moving to the next (round-robin interleaving; between turns each session parks
+    its thread-pool workers, so one model's idle threads never slow the next)."""
+    memory: bool = True
+    """Measure peak memory per model in a fresh process."""
+    torch_reference: bool = True
+    """Also time PyTorch eager teacher and student as a reference row."""
+    providers: list[str] = ["CPUExecutionProvider"]
+    """ONNX Runtime execution providers."""
+
+    @field_validator("threads", "batch_sizes")
+    @classmethod
+    def _positive_list(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("must not be empty")
+        bad = [v for v in value if v < 1]
+        if bad:
+            raise ValueError(f"must be >= 1 (got {bad[0]})")
+        return value

@@ -1,0 +1,52 @@
+"""Stage 3: structured channel pruning (torch-pruning) of the student or the teacher, with KD recovery.
+
+`pruning` holds the mechanics (importance, targets, iterative steps); `stage` loads the models, prunes,
+fine-tunes after each step with KD from the teacher through the shared training loop, and saves `pruned.pt`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgekd.runner.contract import StagePlan, StageResult
+from edgekd.stages import distill, teacher
+from edgekd.stages.prune.config import PruneConfig
+from edgekd.train.config import KDConfig
+
+if TYPE_CHECKING:
+    from edgekd.config import PipelineConfig
+    from edgekd.runner.context import RunContext
+
+NAME = "prune"
+MODEL = "pruned"
+ARTIFACT = "pruned.pt"
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    prune: PruneConfig
+    kd: KDConfig
+    """Recovery fine-tuning's KD settings: the distill section's, or their defaults when distill is off."""
+    model: str
+    """Spec of the pruned model (the student's or the teacher's)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(cfg: PipelineConfig) -> StagePlan | None:
+    if cfg.prune is None:
+        return None
+    source = cfg.prune.source
+    spec = cfg.teacher if source == "teacher" else cfg.student
+    kd = cfg.distill.kd() if cfg.distill is not None else KDConfig()
+    job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs))
+    view = {**cfg.data_view(), "prune": cfg.prune.view(), "kd": kd.view(),
+            "source_model": {"model": spec.model, "model_kwargs": dict(spec.model_kwargs)}}
+    depends_on = (teacher.NAME, distill.NAME) if source == "student" else (teacher.NAME,)
+    return StagePlan(settings=job, view=view, depends_on=depends_on, distributed=True)
+
+
+def run(job: PruneJob, ctx: RunContext) -> StageResult:
+    from edgekd.stages.prune.stage import prune_stage
+
+    return prune_stage(job, ctx)

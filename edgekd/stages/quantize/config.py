@@ -1,0 +1,55 @@
+"""The `quantize:` section of pipeline.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edgekd.validation import Section
+
+
+class CalibrationConfig(Section):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    """minmax | entropy | percentile (entropy/percentile keep all activation histograms in memory)."""
+    samples: int = Field(512, gt=0, le=20000)
+    """Training images used for calibration (never test images)."""
+    percentile: float = Field(99.999, gt=90, le=100)
+    """percentile method: the percentile kept."""
+
+    @model_validator(mode="after")
+    def _bound_histogram_methods(self) -> CalibrationConfig:
+        if self.method != "minmax" and self.samples > 4096:
+            raise ValueError(
+                f"samples: at most 4096 with method '{self.method}' (histograms of every activation stay in memory; got {self.samples})"
+            )
+        return self
+
+
+class QuantizeConfig(Section):
+    mode: Literal["static", "dynamic"] = "static"
+    """static (calibrated int8) | dynamic (weights int8, activations quantized at run time). `quantize: null` switches the stage off."""
+    format: Literal["qdq", "qoperator"] = "qdq"
+    """Quantized graph format."""
+    per_channel: bool = True
+    """Per-channel weight scales."""
+    reduce_range: bool | Literal["auto"] = "auto"
+    """7-bit weights; auto = on for CPUs without VNNI, where uint8 x int8 can saturate."""
+    activation_type: Literal["uint8", "int8", "auto"] = "auto"
+    """Activation type; auto picks from the CPU's flags."""
+    weight_type: Literal["int8", "uint8"] = "int8"
+    """Weight type."""
+    calibration: CalibrationConfig = CalibrationConfig()
+    """Static calibration."""
+    exclude_nodes: list[str] = []
+    """Node names kept in float (validated against the pre-processed graph)."""
+    exclude_op_types: list[str] = []
+    """Operator types kept in float (e.g. [Softmax])."""
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    """Largest validation accuracy drop of int8 vs its fp32 source that is accepted."""
+    fallback: bool = True
+    """When int8 drops more than allowed, keep the fp32 model as the deployable candidate."""
+    search: bool = True
+    """When int8 is not faster than fp32, also try the other sensible settings and keep the best."""
+    source: Literal["auto", "pruned", "student", "teacher"] = "auto"
+    """Model quantized; auto = the last model of the chain (pruned, else student, else teacher)."""
