@@ -39,7 +39,7 @@ from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective  # 
 from edgekd.models import create_model, load_model  # noqa: E402
 from edgekd.stages.export.exporter import count_macs, export_onnx  # noqa: E402
 from edgekd.runtime.timing import interleaved_benchmark  # noqa: E402
-from edgekd.stages.quantize import calibration_inputs  # noqa: E402
+from edgekd.stages.quantize.stage import calibration_inputs  # noqa: E402
 from edgekd.train.loop import fit, resolve_device  # noqa: E402
 
 

@@ -6,7 +6,7 @@ load when a stage needs them.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from edgekd.version import __version__
 
 __all__ = ["__version__", "load_config", "run"]
 

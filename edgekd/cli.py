@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from edgekd import __version__
+from edgekd.version import __version__
 from edgekd.errors import EdgekdError
 from edgekd.runner.contract import STAGES
 

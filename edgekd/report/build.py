@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgekd import __version__
+from edgekd.version import __version__
 from edgekd.errors import InputError
 from edgekd.gate.budgets import ACCURACY_BUDGETS, REPORT_SCHEMA_VERSION, active_limits, evaluate_row, find_row, p50_at
 from edgekd.runner.contract import Manifest

@@ -19,7 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from edgekd import __version__, atomic
+from edgekd import atomic
+from edgekd.version import __version__
 from edgekd.errors import EdgekdError, InputError, StageFailed
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import STAGES, Manifest, StagePlan, StageRecord, StageResult

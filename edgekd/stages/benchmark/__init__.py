@@ -4,27 +4,17 @@ files: everything goes to metrics, which the report stage reads."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.stages import export, quantize
-from edgekd.stages.benchmark.config import BenchmarkConfig
+from edgekd.stages.benchmark.config import BenchmarkJob
 
 if TYPE_CHECKING:
     from edgekd.config import PipelineConfig
     from edgekd.runner.context import RunContext
 
 NAME = "benchmark"
-
-
-@dataclass(frozen=True)
-class BenchmarkJob:
-    benchmark: BenchmarkConfig
-    latency_threads: int
-    """budgets.latency_threads: the setting budgets (and the report's headline figures) use."""
-    latency_batch: int
-    """budgets.latency_batch."""
 
 
 def plan(cfg: PipelineConfig) -> StagePlan:

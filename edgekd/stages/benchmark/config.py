@@ -1,6 +1,8 @@
-"""The `benchmark:` section of pipeline.yaml."""
+"""The `benchmark:` section of pipeline.yaml and what the benchmark stage's run() receives."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
@@ -35,3 +37,12 @@ class BenchmarkConfig(Section):
         if bad:
             raise ValueError(f"must be >= 1 (got {bad[0]})")
         return value
+
+
+@dataclass(frozen=True)
+class BenchmarkJob:
+    benchmark: BenchmarkConfig
+    latency_threads: int
+    """budgets.latency_threads: the setting budgets (and the report's headline figures) use."""
+    latency_batch: int
+    """budgets.latency_batch."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.stages.export import MODEL_ORDER
+from edgekd.stages.export.config import MODEL_ORDER
 
 logger = logging.getLogger("edgekd")
 

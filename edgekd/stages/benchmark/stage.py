@@ -8,8 +8,10 @@ from typing import Any
 from edgekd.errors import InputError, StageFailed
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StageResult
-from edgekd.stages import distill, export, quantize, teacher
-from edgekd.stages.benchmark import BenchmarkJob
+from edgekd.stages.benchmark.config import BenchmarkJob
+from edgekd.stages.distill.config import STUDENT
+from edgekd.stages.export.config import EVAL_ARTIFACT
+from edgekd.stages.teacher.config import ARTIFACT as TEACHER
 
 log = logging.getLogger("edgekd")
 
@@ -26,11 +28,11 @@ def benchmark_stage(job: BenchmarkJob, ctx: RunContext) -> StageResult:
     threads, batches = list(dict.fromkeys(bench.threads)), list(dict.fromkeys(bench.batch_sizes))
     budget_threads, budget_batch = job.latency_threads, job.latency_batch
     providers = _providers(bench.providers)
-    quantized = ctx.manifest.metrics(quantize.NAME) if quantize.NAME in ctx.depends_on else None
-    artifacts = bm.collect_artifacts(ctx.manifest.metrics(export.NAME), quantized, ctx.artifact)
+    quantized = ctx.manifest.metrics("quantize") if "quantize" in ctx.depends_on else None
+    artifacts = bm.collect_artifacts(ctx.manifest.metrics("export"), quantized, ctx.artifact)
     if not artifacts:
         raise StageFailed("stage benchmark: the export stage recorded no models; rerun `edgekd run --from export`")
-    data = load_eval_npz(ctx.artifact(export.EVAL_ARTIFACT))
+    data = load_eval_npz(ctx.artifact(EVAL_ARTIFACT))
     log.info("  %d artifacts (%s) on %d test images", len(artifacts), ", ".join(a.name for a in artifacts), len(data))
 
     evaluations = bm.evaluate_artifacts(artifacts, data, budget_threads, providers)
@@ -82,7 +84,7 @@ def _providers(requested: list[str]) -> list[str] | None:
 
 def _torch_models(ctx: RunContext) -> dict[str, Any]:
     """Teacher and student as PyTorch eager modules on the CPU (the ONNX models' sources)."""
-    names = [teacher.ARTIFACT, distill.STUDENT]
+    names = [TEACHER, STUDENT]
     return {name[:-len(".pt")]: ctx.load_model(name, device="cpu") for name in names if ctx.path(name).is_file()}
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.stages import teacher as teacher_stage
-from edgekd.stages.distill.config import DistillConfig, StudentConfig
+from edgekd.stages.distill.config import BASELINE, BASELINE_MODEL, STUDENT, STUDENT_MODEL, DistillJob
 
 if TYPE_CHECKING:
     from edgekd.config import PipelineConfig
@@ -19,14 +18,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgekd")
 
 NAME = "distill"
-STUDENT_MODEL, BASELINE_MODEL = "student", "student_baseline"
-STUDENT, BASELINE = f"{STUDENT_MODEL}.pt", f"{BASELINE_MODEL}.pt"
-
-
-@dataclass(frozen=True)
-class DistillJob:
-    distill: DistillConfig
-    student: StudentConfig
 
 
 def plan(cfg: PipelineConfig) -> StagePlan | None:

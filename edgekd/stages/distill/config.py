@@ -1,13 +1,18 @@
-"""The `student:` and `distill:` sections of pipeline.yaml."""
+"""The `student:` and `distill:` sections of pipeline.yaml, what the distill stage's run() receives, and the
+names of the models it writes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from edgekd.train.config import HintConfig, KDConfig, TrainConfig
 from edgekd.validation import Section
+
+STUDENT_MODEL, BASELINE_MODEL = "student", "student_baseline"
+STUDENT, BASELINE = f"{STUDENT_MODEL}.pt", f"{BASELINE_MODEL}.pt"
 
 
 class StudentConfig(Section):
@@ -28,3 +33,9 @@ class DistillConfig(TrainConfig, KDConfig):
     def kd(self) -> KDConfig:
         """The KD objective's settings (also used by pruning recovery)."""
         return KDConfig(**{name: getattr(self, name) for name in KDConfig.model_fields})
+
+
+@dataclass(frozen=True)
+class DistillJob:
+    distill: DistillConfig
+    student: StudentConfig

@@ -1,10 +1,22 @@
-"""The `export:` section of pipeline.yaml."""
+"""The `export:` section of pipeline.yaml and the names of what the export stage writes."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
+from edgekd.stages.distill.config import BASELINE_MODEL, STUDENT_MODEL
+from edgekd.stages.prune.config import MODEL as PRUNED_MODEL
+from edgekd.stages.teacher.config import MODEL as TEACHER_MODEL
 from edgekd.validation import Section
+
+EVAL_ARTIFACT = "eval.npz"
+VAL_ARTIFACT = "val.npz"
+# The fp32 models a run can have, in report order: the reference first, then each compression step.
+MODEL_ORDER = (TEACHER_MODEL, BASELINE_MODEL, STUDENT_MODEL, PRUNED_MODEL)
+
+
+def onnx_name(model: str) -> str:
+    return f"{model}.onnx"
 
 
 class ExportConfig(Section):

@@ -21,7 +21,8 @@ import onnx
 import torch
 from torch import nn
 
-from edgekd import __version__, atomic
+from edgekd import atomic
+from edgekd.version import __version__
 from edgekd.errors import InputError, StageFailed
 
 INPUT_NAME = "input"
@@ -230,3 +231,9 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int | None, int
         return int(macs), params
     except Exception:  # noqa: BLE001 - a count is a nice-to-have, never a failure
         return None, params
+
+
+def ort_sidecars(folder: Path, ort_path: Path) -> list[str]:
+    """Files the ORT converter leaves beside a .ort (the operator list a minimal ORT build needs)."""
+    config = folder / f"{ort_path.stem}.required_operators.config"
+    return [config.name] if config.is_file() else []

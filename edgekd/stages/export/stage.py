@@ -20,7 +20,8 @@ import numpy as np
 from edgekd import atomic
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StageResult
-from edgekd.stages.export import EVAL_ARTIFACT, MODEL_ORDER, VAL_ARTIFACT, ExportConfig, onnx_name, ort_sidecars
+from edgekd.stages.export.config import EVAL_ARTIFACT, MODEL_ORDER, VAL_ARTIFACT, ExportConfig, onnx_name
+from edgekd.stages.export.exporter import ort_sidecars
 
 log = logging.getLogger("edgekd")
 

@@ -6,12 +6,11 @@ fine-tunes after each step with KD from the teacher through the shared training 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.stages import distill, teacher
-from edgekd.stages.prune.config import PruneConfig
+from edgekd.stages.prune.config import ARTIFACT, MODEL, PruneJob
 from edgekd.train.config import KDConfig
 
 if TYPE_CHECKING:
@@ -19,18 +18,6 @@ if TYPE_CHECKING:
     from edgekd.runner.context import RunContext
 
 NAME = "prune"
-MODEL = "pruned"
-ARTIFACT = "pruned.pt"
-
-
-@dataclass(frozen=True)
-class PruneJob:
-    prune: PruneConfig
-    kd: KDConfig
-    """Recovery fine-tuning's KD settings: the distill section's, or their defaults when distill is off."""
-    model: str
-    """Spec of the pruned model (the student's or the teacher's)."""
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def plan(cfg: PipelineConfig) -> StagePlan | None:

@@ -1,13 +1,17 @@
-"""The `prune:` section of pipeline.yaml."""
+"""The `prune:` section of pipeline.yaml, what the prune stage's run() receives, and the name of what it writes."""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from edgekd.train.config import TrainConfig
+from edgekd.train.config import KDConfig, TrainConfig
 from edgekd.validation import Section
+
+MODEL = "pruned"
+ARTIFACT = f"{MODEL}.pt"
 
 
 class PruneConfig(Section):
@@ -42,3 +46,13 @@ class PruneConfig(Section):
         if not targets:
             self.ratio = 0.3
         return self
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    prune: PruneConfig
+    kd: KDConfig
+    """Recovery fine-tuning's KD settings: the distill section's, or their defaults when distill is off."""
+    model: str
+    """Spec of the pruned model (the student's or the teacher's)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)

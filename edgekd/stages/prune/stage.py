@@ -12,8 +12,9 @@ from typing import Any
 from edgekd.errors import StageFailed
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StageResult
-from edgekd.stages import distill, teacher
-from edgekd.stages.prune import ARTIFACT, MODEL, PruneJob
+from edgekd.stages.distill.config import STUDENT
+from edgekd.stages.prune.config import ARTIFACT, MODEL, PruneJob
+from edgekd.stages.teacher.config import ARTIFACT as TEACHER
 
 log = logging.getLogger("edgekd")
 
@@ -35,8 +36,8 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     source = settings.source
     spec, kwargs = job.model, job.model_kwargs
 
-    model = ctx.load_model(teacher.ARTIFACT if source == "teacher" else distill.STUDENT)
-    teacher_model = ctx.load_model(teacher.ARTIFACT)  # a separate instance: the KD objective freezes it
+    model = ctx.load_model(TEACHER if source == "teacher" else STUDENT)
+    teacher_model = ctx.load_model(TEACHER)  # a separate instance: the KD objective freezes it
     ignored = resolve_ignored(model, settings.ignore, what=source)
     target = target_from_config(settings)
     prune_settings = PruneSettings(settings.importance, settings.global_pruning, settings.round_to, tuple(settings.ignore))

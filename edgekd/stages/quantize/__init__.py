@@ -3,28 +3,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.stages import export
-from edgekd.stages.quantize.config import QuantizeConfig
+from edgekd.stages.quantize.config import ARTIFACT, MODELS, QuantizeJob
 
 if TYPE_CHECKING:
     from edgekd.config import PipelineConfig
     from edgekd.runner.context import RunContext
 
 NAME = "quantize"
-ARTIFACT = "model.int8.onnx"
-# The artifact's name in the benchmark and report, per quantize.mode.
-MODELS = {"static": "int8", "dynamic": "int8_dynamic"}
-
-
-@dataclass(frozen=True)
-class QuantizeJob:
-    quantize: QuantizeConfig
-    ort_format: bool
-    """export.ort_format: also write a .ort copy of the int8 model."""
 
 
 def plan(cfg: PipelineConfig) -> StagePlan | None:

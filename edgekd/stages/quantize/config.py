@@ -1,12 +1,18 @@
-"""The `quantize:` section of pipeline.yaml."""
+"""The `quantize:` section of pipeline.yaml, what the quantize stage's run() receives, and the names of what
+it writes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from edgekd.validation import Section
+
+ARTIFACT = "model.int8.onnx"
+# The artifact's name in the benchmark and report, per quantize.mode.
+MODELS = {"static": "int8", "dynamic": "int8_dynamic"}
 
 
 class CalibrationConfig(Section):
@@ -53,3 +59,10 @@ class QuantizeConfig(Section):
     """When int8 is not faster than fp32, also try the other sensible settings and keep the best."""
     source: Literal["auto", "pruned", "student", "teacher"] = "auto"
     """Model quantized; auto = the last model of the chain (pruned, else student, else teacher)."""
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    quantize: QuantizeConfig
+    ort_format: bool
+    """export.ort_format: also write a .ort copy of the int8 model."""

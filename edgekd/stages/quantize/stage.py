@@ -22,8 +22,9 @@ from edgekd import atomic
 from edgekd.errors import EdgekdError, InputError, StageFailed
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StageResult
-from edgekd.stages.export import MODEL_ORDER, VAL_ARTIFACT, ort_sidecars
-from edgekd.stages.quantize import ARTIFACT, MODELS, QuantizeJob
+from edgekd.stages.export.config import MODEL_ORDER, VAL_ARTIFACT, onnx_name
+from edgekd.stages.export.exporter import ort_sidecars
+from edgekd.stages.quantize.config import ARTIFACT, MODELS, QuantizeJob
 
 log = logging.getLogger("edgekd")
 
@@ -106,7 +107,6 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     import onnx
 
     from edgekd.runtime.evaluate import load_eval_npz
-    from edgekd.stages.export import onnx_name
     from edgekd.stages.export.exporter import set_metadata
     from edgekd.stages.quantize import quantization as qz
 

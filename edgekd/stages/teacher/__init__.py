@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edgekd import atomic
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
-from edgekd.stages.teacher.config import MODEL, TeacherConfig
+from edgekd.stages.teacher.config import ARTIFACT, MODEL, TeacherConfig
 
 if TYPE_CHECKING:
     from edgekd.config import PipelineConfig
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgekd")
 
 NAME = "teacher"
-ARTIFACT = f"{MODEL}.pt"
 
 
 def plan(cfg: PipelineConfig) -> StagePlan:

@@ -10,6 +10,7 @@ from edgekd.train.config import TrainConfig
 from edgekd.validation import Section
 
 MODEL = "teacher"
+ARTIFACT = f"{MODEL}.pt"
 
 
 class TeacherConfig(Section):
