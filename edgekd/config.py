@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgekd.data.config import DataConfig
 from edgekd.errors import ConfigError
@@ -59,6 +59,8 @@ class PipelineConfig(Section):
     report: ReportConfig = ReportConfig()
     """Report rendering."""
 
+    _dataset_files: dict[str, Any] | None = PrivateAttr(default=None)
+
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
@@ -99,8 +101,14 @@ class PipelineConfig(Section):
         return (self.teacher.model, self.student.model)
 
     def data_view(self) -> dict[str, Any]:
-        """The config that decides the data every training stage sees (part of their fingerprints)."""
-        return {"data": self.data.view(), "seed": self.seed}
+        """What decides the data every training stage sees (part of their fingerprints): the `data:` section,
+        the seed, and the dataset files' signature (so added or changed images rerun what read them)."""
+        if self._dataset_files is None:  # one walk of the dataset folder per run, not one per stage
+            from edgekd.data.sources import dataset_signature
+
+            self._dataset_files = dataset_signature(self.data)
+        view = {"data": self.data.view(), "seed": self.seed}
+        return {**view, "dataset_files": self._dataset_files} if self._dataset_files else view
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dump (paths as strings, aliases as written in YAML): what config.yaml records."""

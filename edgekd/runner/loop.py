@@ -24,6 +24,7 @@ from edgekd.version import __version__
 from edgekd.errors import EdgekdError, InputError, StageFailed
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import STAGES, Manifest, StagePlan, StageRecord, StageResult
+from edgekd.runner.keys import library_versions, rerun_reason
 from edgekd.runner.lock import run_lock
 from edgekd.train import distributed
 from edgekd.yamlio import dump_yaml
@@ -61,19 +62,28 @@ def hash_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(name: str, plan: StagePlan, manifest: Manifest, *, metrics: bool = True) -> str:
-    """Hash of the stage's config view, its dependencies' artifacts (and metrics) and the edgekd version.
-
-    The benchmark stage hands its results on as metrics only, so a re-measured benchmark must re-render the
-    report. metrics=False leaves the metrics out: metrics hold timings, so that fingerprint is the one to
-    write INTO artifacts (the same config and inputs give byte-identical files run after run).
-    """
+def fingerprint_inputs(plan: StagePlan, manifest: Manifest, *, metrics: bool = True) -> dict[str, Any]:
+    """What a stage's fingerprint hashes besides its config view: its dependencies' artifact hashes (and
+    metrics digests) and the versions of the libraries it declares."""
     inputs: dict[str, Any] = {}
     for dep in plan.depends_on:
         inputs[dep] = {"artifacts": manifest.artifacts(dep)}
         if metrics:
             inputs[dep]["metrics"] = hash_json(manifest.metrics(dep))
-    return hash_json({"stage": name, "config": plan.view, "inputs": inputs, "version": __version__})
+    return {"inputs": inputs, "libraries": library_versions(plan.libraries)}
+
+
+def fingerprint(name: str, plan: StagePlan, manifest: Manifest, *, metrics: bool = True) -> str:
+    """Hash of the stage's config view, its dependencies' artifacts (and metrics), the versions of the
+    libraries it uses and the edgekd version.
+
+    The benchmark stage hands its results on as metrics only, so a re-measured benchmark must re-render the
+    report. metrics=False leaves the metrics out: metrics hold timings, so that fingerprint is the one to
+    write INTO artifacts (the same config and inputs give byte-identical files run after run).
+    """
+    keys = fingerprint_inputs(plan, manifest, metrics=metrics)
+    return hash_json({"stage": name, "config": plan.view, "inputs": keys["inputs"], "libraries": keys["libraries"],
+                      "version": __version__})
 
 
 def _artifacts_intact(run_dir: Path, record: StageRecord) -> bool:
@@ -240,6 +250,14 @@ class _Planner:
         if cached and name not in self.forced:
             log.info("[%s] up to date (fingerprint %s), skipped", name, print_)
             return "skip", print_
+        if cached:
+            log.info("[%s] rerun: forced (--force / --from)", name)
+        elif record is not None and record.fingerprint != print_:
+            now = {"config": plan.view, **fingerprint_inputs(plan, manifest)}
+            log.info("[%s] rerun: %s", name, rerun_reason(
+                {"config": record.config, "inputs": record.inputs, "libraries": record.libraries}, now))
+        elif record is not None:
+            log.info("[%s] rerun: an artifact was deleted or modified since it ran", name)
         stale_inputs = [d for d in plan.depends_on if d in self.stale]
         if stale_inputs:
             raise InputError(
@@ -261,6 +279,7 @@ def _run_stage(name: str, module: ModuleType, plan: StagePlan, ctx: RunContext, 
     log.info("[%s] running", name)
     ctx.stage, ctx.depends_on = name, plan.depends_on
     ctx.content_fingerprint = fingerprint(name, plan, manifest, metrics=False)
+    keys = fingerprint_inputs(plan, manifest)  # recorded with the result, to explain a later rerun
     started = time.perf_counter()
     try:
         result: StageResult = module.run(plan.settings, ctx)
@@ -280,6 +299,6 @@ def _run_stage(name: str, module: ModuleType, plan: StagePlan, ctx: RunContext, 
     manifest.stages[name] = StageRecord(
         fingerprint=print_, config=plan.view, artifacts={a: atomic.sha256_file(ctx.path(a)) for a in result.artifacts},
         metrics=result.metrics, summary=result.summary, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        wall_s=round(wall, 3))
+        wall_s=round(wall, 3), **keys)
     write_manifest(ctx.run_dir, manifest)
     log.info("[%s] done in %.1f s%s", name, wall, f": {result.summary}" if result.summary else "")

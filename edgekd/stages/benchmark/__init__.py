@@ -22,7 +22,9 @@ def plan(cfg: PipelineConfig) -> StagePlan:
     budgets = {"latency_threads": cfg.budgets.latency_threads, "latency_batch": cfg.budgets.latency_batch}
     job = BenchmarkJob(cfg.benchmark, **budgets)
     depends_on = (export.NAME, *((quantize.NAME,) if cfg.quantize else ()))
-    return StagePlan(settings=job, view={"benchmark": cfg.benchmark.view(), "budgets": budgets}, depends_on=depends_on)
+    libraries = ("onnxruntime", *(("torch",) if cfg.benchmark.torch_reference else ()))
+    return StagePlan(settings=job, view={"benchmark": cfg.benchmark.view(), "budgets": budgets}, depends_on=depends_on,
+                     libraries=libraries)
 
 
 def run(job: BenchmarkJob, ctx: RunContext) -> StageResult:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
+from edgekd.runner.keys import TRAINING_LIBRARIES, factory_source
 from edgekd.stages import teacher as teacher_stage
 from edgekd.stages.distill.config import BASELINE, BASELINE_MODEL, STUDENT, STUDENT_MODEL, DistillJob
 
@@ -24,8 +25,11 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     if cfg.distill is None:
         return None
     view = {**cfg.data_view(), "student": cfg.student.view(), "distill": cfg.distill.view()}
+    source = factory_source(cfg.student.model)
+    if source is not None:
+        view["model_source"] = source
     return StagePlan(settings=DistillJob(cfg.distill, cfg.student), view=view, depends_on=(teacher_stage.NAME,),
-                     distributed=True)
+                     distributed=True, libraries=TRAINING_LIBRARIES)
 
 
 def check_sizes(student_params: int, teacher_params: int) -> bool:

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 NAME = "export"
 def plan(cfg: PipelineConfig) -> StagePlan:
     depends_on = (teacher.NAME, *((distill.NAME,) if cfg.distill else ()), *((prune.NAME,) if cfg.prune else ()))
-    return StagePlan(settings=cfg.export, view={**cfg.data_view(), "export": cfg.export.view()}, depends_on=depends_on)
+    libraries = ("torch", "onnx", "onnxruntime", *(("onnxscript",) if cfg.export.dynamo else ()))
+    return StagePlan(settings=cfg.export, view={**cfg.data_view(), "export": cfg.export.view()}, depends_on=depends_on,
+                     libraries=libraries)
 
 
 def run(export: ExportConfig, ctx: RunContext) -> StageResult:

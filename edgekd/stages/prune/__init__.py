@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgekd.runner.contract import StagePlan, StageResult
+from edgekd.runner.keys import TRAINING_LIBRARIES, factory_source
 from edgekd.stages import distill, teacher
 from edgekd.stages.prune.config import ARTIFACT, MODEL, PruneJob
 from edgekd.train.config import KDConfig
@@ -29,8 +30,12 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs))
     view = {**cfg.data_view(), "prune": cfg.prune.view(), "kd": kd.view(),
             "source_model": {"model": spec.model, "model_kwargs": dict(spec.model_kwargs)}}
+    model_source = factory_source(spec.model)
+    if model_source is not None:
+        view["model_source"] = model_source
     depends_on = (teacher.NAME, distill.NAME) if source == "student" else (teacher.NAME,)
-    return StagePlan(settings=job, view=view, depends_on=depends_on, distributed=True)
+    return StagePlan(settings=job, view=view, depends_on=depends_on, distributed=True,
+                     libraries=(*TRAINING_LIBRARIES, "torch-pruning"))
 
 
 def run(job: PruneJob, ctx: RunContext) -> StageResult:

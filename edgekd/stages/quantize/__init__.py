@@ -21,7 +21,8 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
         return None
     # data decides the calibration images; ort_format whether a .ort copy is made
     view = {**cfg.data_view(), "quantize": cfg.quantize.view(), "ort_format": cfg.export.ort_format}
-    return StagePlan(settings=QuantizeJob(cfg.quantize, cfg.export.ort_format), view=view, depends_on=(export.NAME,))
+    return StagePlan(settings=QuantizeJob(cfg.quantize, cfg.export.ort_format), view=view, depends_on=(export.NAME,),
+                     libraries=("onnx", "onnxruntime"))
 
 
 def run(job: QuantizeJob, ctx: RunContext) -> StageResult:

@@ -40,7 +40,8 @@ def plan(cfg: PipelineConfig) -> StagePlan:
     # measurements (e.g. more iterations) would not change this stage's fingerprint and a stale report would stay.
     view = {"name": cfg.name, "budgets": cfg.budgets.view(), "report": cfg.report.view(),
             "benchmark": cfg.benchmark.view()}
-    return StagePlan(settings=ReportJob(cfg.name, cfg.budgets, cfg.report), view=view, depends_on=depends_on)
+    return StagePlan(settings=ReportJob(cfg.name, cfg.budgets, cfg.report), view=view, depends_on=depends_on,
+                     libraries=("matplotlib",) if cfg.report.plots else ())
 
 
 def run(job: ReportJob, ctx: RunContext) -> StageResult:

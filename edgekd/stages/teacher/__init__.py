@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edgekd import atomic
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
+from edgekd.runner.keys import TRAINING_LIBRARIES, factory_source
 from edgekd.stages.teacher.config import ARTIFACT, MODEL, TeacherConfig
 
 if TYPE_CHECKING:
@@ -22,7 +23,10 @@ def plan(cfg: PipelineConfig) -> StagePlan:
     view = {**cfg.data_view(), "teacher": cfg.teacher.view()}
     if cfg.teacher.checkpoint is not None and cfg.teacher.checkpoint.is_file():
         view["checkpoint_sha256"] = atomic.sha256_file(cfg.teacher.checkpoint)  # a new file means a new teacher
-    return StagePlan(settings=cfg.teacher, view=view, distributed=True)
+    source = factory_source(cfg.teacher.model)
+    if source is not None:
+        view["model_source"] = source
+    return StagePlan(settings=cfg.teacher, view=view, distributed=True, libraries=TRAINING_LIBRARIES)
 
 
 def run(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
