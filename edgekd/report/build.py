@@ -17,6 +17,7 @@ from edgekd.version import __version__
 from edgekd.errors import InputError
 from edgekd.gate.budgets import ACCURACY_BUDGETS, REPORT_SCHEMA_VERSION, active_limits, evaluate_row, find_row, p50_at
 from edgekd.runner.contract import Manifest
+from edgekd.runtime.evaluate import near_chance_accuracy
 from edgekd.stages import benchmark as benchmark_stage
 from edgekd.stages import distill as distill_stage
 from edgekd.stages import export as export_stage
@@ -58,15 +59,34 @@ def _rows(bench: dict[str, Any], manifest: Manifest, threads: int, batch: int) -
     return rows
 
 
-def _not_deployable(quant: dict[str, Any]) -> dict[str, str]:
-    if not quant or quant["deployable"]:
-        return {}
-    return {quant["artifact_name"]: f"int8 fallback ({quant['fallback_reason']})"}
+def _not_deployable(quant: dict[str, Any], rows: list[dict[str, Any]], num_classes: int) -> dict[str, str]:
+    """Artifacts never deployed: an int8 fallback, and any model at chance level (a model that predicts about
+    as well as guessing ships nothing, whatever its speed)."""
+    blocked = {}
+    if quant and not quant["deployable"]:
+        blocked[quant["artifact_name"]] = f"int8 fallback ({quant['fallback_reason']})"
+    floor = near_chance_accuracy(num_classes)
+    for row in rows:
+        if isinstance(row.get("accuracy"), (int, float)) and row["accuracy"] < floor:
+            blocked.setdefault(row["name"], f"at chance level: test accuracy {row['accuracy']:.4f} < {floor:.4f} "
+                                            f"(guessing scores {1 / num_classes:.4f} with {num_classes} classes)")
+    return blocked
+
+
+def training_checks(manifest: Manifest) -> list[dict[str, Any]]:
+    """Eval-mode vs batch-statistics validation accuracy of each model a stage trained (or loaded)."""
+    sources = ((TEACHER, manifest.metrics(teacher_stage.NAME).get("mode_check")),
+               (STUDENT, manifest.metrics(distill_stage.NAME).get("mode_check")),
+               (BASELINE, manifest.metrics(distill_stage.NAME).get("baseline_mode_check")),
+               (PRUNED, manifest.metrics(prune_stage.NAME).get("mode_check")))
+    return [{"model": model, **check} for model, check in sources if check]
 
 
 def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, Any], distill: dict[str, Any],
-           threads: int, batch: int) -> list[dict[str, Any]]:
-    """Compression that did nothing (no smaller / no faster than its source), int8 fallback, no KD gain."""
+           threads: int, batch: int, not_deployable: dict[str, str],
+           training: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Compression that did nothing (no smaller / no faster than its source), models at chance level or whose
+    eval mode collapsed, int8 fallback, no KD gain."""
     flags: list[dict[str, Any]] = []
     checks = []
     if prune and find_row(rows, PRUNED):
@@ -87,6 +107,14 @@ def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, A
                           f"{what} did nothing for speed: {name} p50 {p50:.3f} ms vs {source} {src_p50:.3f} ms "
                           f"at {threads} thread(s), batch {batch} ({src_p50 / p50:.2f}x; under "
                           f"{1 / (1 - NO_SPEEDUP_TOLERANCE):.2f}x is within timing noise)"})
+    for name, reason in not_deployable.items():
+        if reason.startswith("at chance level"):
+            flags.append({"kind": "at_chance", "artifact": name, "source": None,
+                          "message": f"{name} is not deployed: {reason}"})
+    for check in training:
+        if check.get("message"):
+            flags.append({"kind": "eval_mode_collapse" if check.get("diverged") else "trained_at_chance",
+                          "artifact": check["model"], "source": None, "message": check["message"]})
     if quant and not quant["deployable"]:
         flags.append({"kind": "int8_fallback", "artifact": quant["artifact_name"], "source": quant["source"],
                       "message": f"int8 not deployable: {quant['fallback_reason']}; "
@@ -210,12 +238,14 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
     rows = _rows(bench, manifest, threads, batch)
     quant, prune = manifest.metrics(quantize_stage.NAME), manifest.metrics(prune_stage.NAME)
     sections = _sections(manifest)
-    not_deployable = _not_deployable(quant)
+    num_classes = int((sections["data"] or {}).get("num_classes") or 2)
+    not_deployable = _not_deployable(quant, rows, num_classes)
+    checks = training_checks(manifest)
     for row in rows:
         row["deployable"] = row["name"] not in not_deployable
     choice, candidates = choose_artifact(rows, budgets, not_deployable)
     deployed_row = find_row(rows, choice["artifact"])
-    verdicts = evaluate_row(deployed_row, find_row(rows, TEACHER), budgets)
+    verdicts = _verdicts(rows, deployed_row, budgets)
     notes: list[str] = []
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -233,7 +263,9 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
         "deployed": {"artifact": choice["artifact"], "path": "deploy/model.onnx", "source_path": deployed_row.get("path"),
                      "kind": deployed_row.get("kind"), "reason": choice["reason"], "rule": choice["rule"],
                      "budgets_passed": all(v["passed"] for v in verdicts), "files": []},
-        "flags": _flags(rows, prune, quant, manifest.metrics(distill_stage.NAME), threads, batch),
+        "flags": _flags(rows, prune, quant, manifest.metrics(distill_stage.NAME), threads, batch, not_deployable,
+                        checks),
+        "training_checks": checks,
         "torch_reference": copy.deepcopy(bench.get("torch_reference")),
         "mobile": copy.deepcopy(bench.get("mobile")),
         "arm_check": _arm_check(run_dir),
@@ -243,6 +275,20 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
     report = _merge_devices(report, run_dir, notes)
     report["notes"] = notes
     return report
+
+
+def _verdicts(rows: list[dict[str, Any]], deployed_row: dict[str, Any], budgets: dict[str, Any]) -> list[dict[str, Any]]:
+    """Budget verdicts of the deployed artifact. When the teacher is deployed although the run compressed it
+    (every compressed artifact was excluded, e.g. at chance level), the accuracy budgets judge the best
+    compressed artifact: they are there to gate the compression, which failed, not the reference model."""
+    teacher = find_row(rows, TEACHER)
+    compressed = [r for r in rows if r["name"] not in (TEACHER, BASELINE) and isinstance(r.get("accuracy"), (int, float))]
+    if deployed_row["name"] != TEACHER or not compressed:
+        return evaluate_row(deployed_row, teacher, budgets)
+    best = max(compressed, key=lambda r: r["accuracy"])
+    others = tuple(name for name in active_limits(budgets) if name not in ACCURACY_BUDGETS)
+    return (evaluate_row(deployed_row, teacher, budgets, names=others)
+            + evaluate_row(best, teacher, budgets, names=ACCURACY_BUDGETS))
 
 
 def strip_volatile(report: dict[str, Any]) -> dict[str, Any]:

@@ -185,6 +185,20 @@ def stage_sections(report: dict[str, Any]) -> list[Section]:
     return out
 
 
+def training_checks_section(report: dict[str, Any]) -> Section | None:
+    """Eval-mode vs batch-statistics accuracy per trained model, shown when any of them disagree or sit at
+    chance level (then the exported model does not do what training measured)."""
+    checks = report.get("training_checks") or []
+    if not any(c.get("message") for c in checks):
+        return None
+    rows = [[c["model"], acc(c.get("eval_accuracy")), acc(c.get("batch_stats_accuracy")), acc(c.get("chance")),
+             "at chance" if c.get("at_chance") else "diverged" if c.get("diverged") else "ok"] for c in checks]
+    return Section("Train-mode vs eval-mode accuracy", "training-checks",
+                   ["Validation accuracy of each trained model in eval mode (BatchNorm running statistics, as "
+                    "exported) and with per-batch statistics (train-mode BatchNorm)."],
+                   Table(["model", "eval mode", "batch statistics", "chance", "verdict"], rows, "training-checks"))
+
+
 def arm_section(report: dict[str, Any]) -> Section | None:
     arm = report.get("arm_check")
     if not arm:

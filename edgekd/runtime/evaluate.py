@@ -82,6 +82,13 @@ def accuracy(logits_or_preds: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(predictions == labels))
 
 
+def near_chance_accuracy(num_classes: int) -> float:
+    """Accuracy below which a classifier is at chance level: guessing scores 1/num_classes; anything under
+    a tenth of the way from there to perfect has learned (or kept) nothing usable."""
+    chance = 1.0 / max(num_classes, 1)
+    return chance + 0.1 * (1.0 - chance)
+
+
 def agreement(preds_a: np.ndarray, preds_b: np.ndarray) -> float:
     """Fraction of samples where both models pick the same top-1 class (logits or classes)."""
     return accuracy(preds_a, _as_predictions(preds_b))

@@ -35,6 +35,9 @@ class TrainConfig(Section):
     """Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU."""
     channels_last: bool = False
     """Train in channels_last memory format (faster convolutions on recent GPUs)."""
+    bn_recalibration_batches: int = Field(10, ge=0)
+    """After each epoch, recompute BatchNorm running statistics over this many training batches (0: off), so
+    validation, best-epoch selection and the exported model use statistics that match the weights."""
 
 
 class KDConfig(Section):

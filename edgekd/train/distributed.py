@@ -93,6 +93,17 @@ def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist()))
 
 
+def average_tensors(tensors: list[Any]) -> None:
+    """Replace each tensor by its mean over all ranks, in place (e.g. BatchNorm statistics each rank estimated)."""
+    if not _STATE["initialized"] or not tensors:
+        return
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+
+
 def wrap_model(model: Any, device: Any) -> Any:
     """DistributedDataParallel around the model when running under torchrun, else the model itself."""
     if not _STATE["initialized"]:

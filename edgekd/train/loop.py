@@ -7,6 +7,7 @@ schedule, AMP, NaN guard, per-epoch validation, best-checkpoint selection — li
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -25,6 +26,7 @@ from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 
 SHIFT_PIXELS = 2
+MODE_GAP = 0.2  # eval-mode accuracy this far below batch-statistics accuracy: the BatchNorm statistics are wrong
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,6 +138,48 @@ class FitResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     wall_s: float = 0.0
+    mode_check: dict[str, Any] = field(default_factory=dict)
+    """Eval-mode vs batch-statistics accuracy of the selected weights on the validation split (see check_modes)."""
+
+
+def recalibrate(model: nn.Module, data: DataBundle, batches: int, batch_size: int, device: torch.device,
+                seed: int) -> dict[str, Any]:
+    """BatchNorm statistics re-estimated over `batches` un-augmented training batches (a seeded sample; under
+    torchrun each rank uses its own shard)."""
+    from edgekd.train.batchnorm import recalibrate_batchnorm
+
+    rank, world_size = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else (0, 1)
+    sample = Batches(data.train, data, batch_size, device, shuffle=True, seed=seed + 1, rank=rank, world_size=world_size)
+    return recalibrate_batchnorm(model, (inputs for inputs, _, _ in sample.epoch(0)), batches)
+
+
+def check_modes(model: nn.Module, data: DataBundle, device: torch.device, eval_accuracy: float, batch_size: int,
+                what: str, knob: str) -> dict[str, Any]:
+    """The guard against a model that trained well but infers at chance: compare its eval-mode validation
+    accuracy with what the same weights score with per-batch BatchNorm statistics, and say so loudly when
+    eval mode is at chance level or far below."""
+    from edgekd.runtime.evaluate import near_chance_accuracy
+    from edgekd.train.batchnorm import batch_statistics_accuracy
+
+    chance = 1.0 / data.meta.num_classes
+    batch_stats = batch_statistics_accuracy(
+        model, ((x, y) for x, y, _ in Batches(data.val, data, batch_size, device, shuffle=True, seed=0).epoch(0)))
+    floor = near_chance_accuracy(data.meta.num_classes)
+    at_chance = eval_accuracy < floor
+    # far below, or at chance while the same weights do better than chance with batch statistics
+    diverged = batch_stats is not None and (batch_stats - eval_accuracy > MODE_GAP or (at_chance and batch_stats >= floor))
+    check = {"eval_accuracy": round(eval_accuracy, 6), "batch_stats_accuracy": None if batch_stats is None
+             else round(batch_stats, 6), "chance": round(chance, 6), "at_chance": at_chance, "diverged": diverged}
+    if at_chance or diverged:
+        cause = ("BatchNorm running statistics do not match the weights (they moved faster than the moving "
+                 f"average followed); raise {knob} (BatchNorm recalibration), lower the learning rate or train longer"
+                 if diverged else "it learned nothing usable: check the data, labels, learning rate and epochs")
+        against = f", against {batch_stats:.4f} with batch statistics" if batch_stats is not None else ""
+        check["message"] = (f"{what}: eval-mode validation accuracy {eval_accuracy:.4f} is "
+                            f"{'at chance level' if at_chance else 'far below what its weights can do'}{against} "
+                            f"(chance {chance:.4f}): {cause}")
+        logging.getLogger("edgekd").warning("  %s\n  WARNING %s\n  %s", "!" * 78, check["message"], "!" * 78)
+    return check
 
 
 @torch.inference_mode()
@@ -169,9 +213,13 @@ def fit(
     eval_batch_size: int = 512,
     reference_val_logits: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
+    config_key: str = "",
 ) -> FitResult:
     """Train `model` in place; at the end it holds the weights of the epoch with the best validation accuracy.
 
+    After each epoch the BatchNorm statistics are re-estimated (`cfg.bn_recalibration_batches`) before
+    validation, so the epoch chosen is chosen on what the exported model will do; at the end, `mode_check`
+    compares eval-mode with batch-statistics accuracy (`config_key` names the config section in the warning).
     `reference_val_logits` (the teacher's on the validation split) adds top-1 agreement to each epoch's row.
     Under torchrun each rank trains on its DistributedSampler shard of every epoch through DDP; the training
     loss parts are all-reduced, and every rank validates on the whole (small) validation split, so all ranks
@@ -234,6 +282,12 @@ def fit(
         seen = int(sums.pop("_seen"))
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
+        if cfg.bn_recalibration_batches:
+            recal_started = time.perf_counter()
+            recalibrated = recalibrate(model, data, cfg.bn_recalibration_batches, batch_size or 128, device, seed)
+            if recalibrated["batches"]:
+                row["bn_recalibrated"] = {"batches": recalibrated["batches"], "samples": recalibrated["samples"],
+                                          "seconds": round(time.perf_counter() - recal_started, 3)}
         val_logits = predict(model, data.val, data, device, eval_batch_size)
         row["val_accuracy"] = round(accuracy(val_logits, data.val.labels), 6)
         row["val_loss"] = round(float(F.cross_entropy(val_logits, data.val.labels)), 6)
@@ -250,5 +304,9 @@ def fit(
         log(f"  {desc} epoch {epoch}/{cfg.epochs}: {parts_text} val_acc={row['val_accuracy']:.4f}{agreement_text} ({row['time_s']:.1f} s)")
     model.load_state_dict(best_state)
     model.eval()
+    knob = f"{config_key}.bn_recalibration_batches" if config_key else "bn_recalibration_batches"
+    if not result.history:  # no epoch ran: validate the weights as they are
+        result.best_val_accuracy = round(accuracy(predict(model, data.val, data, device, eval_batch_size), data.val.labels), 6)
+    result.mode_check = check_modes(model, data, device, result.best_val_accuracy, eval_batch_size, desc, knob)
     result.wall_s = round(time.perf_counter() - started, 3)
     return result

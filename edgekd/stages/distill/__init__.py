@@ -73,7 +73,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         "cached" if objective.cache is not None else "computed every batch",
     )
     try:
-        result = fit(student, data, settings, objective=objective, desc="distill", reference_val_logits=teacher_val, **common)
+        result = fit(student, data, settings, objective=objective, desc="distill", reference_val_logits=teacher_val,
+                     config_key="distill", **common)
     finally:
         objective.close()  # removes the hint hooks from the student before it is saved or reused
     student_test = predict(student, data.test, data, device, eval_batch)
@@ -92,6 +93,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         "student_val_accuracy": result.best_val_accuracy,
         "history": result.history,
         "best_epoch": result.best_epoch,
+        "mode_check": result.mode_check,
         "cache": {"enabled": True, **objective.cache.stats()} if objective.cache is not None
         else {"enabled": False, "hits": 0, "misses": 0, "hit_rate": None},
         "train_wall_s": result.wall_s,
@@ -108,7 +110,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         baseline.load_state_dict(initial_state)
         base = fit(
             baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
-            reference_val_logits=teacher_val, **common,
+            reference_val_logits=teacher_val, config_key="distill", **common,
         )
         baseline_test = predict(baseline, data.test, data, device, eval_batch)
         metrics.update(
@@ -118,6 +120,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
             baseline_history=base.history,
             baseline_best_epoch=base.best_epoch,
             baseline_train_wall_s=base.wall_s,
+            baseline_mode_check=base.mode_check,
         )
         metrics["kd_gain"] = round(metrics["student_test_accuracy"] - metrics["baseline_test_accuracy"], 6)
         artifacts[BASELINE] = baseline

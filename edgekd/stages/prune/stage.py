@@ -28,7 +28,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     from edgekd.stages.prune.pruning import (PruneSettings, layer_channels, measure, prune_iteratively,
                                              resolve_ignored, target_from_config, taylor_gradients)
     from edgekd.train import distributed
-    from edgekd.train.loop import Batches, accuracy, fit, predict
+    from edgekd.train.loop import Batches, accuracy, fit, predict, recalibrate
     from edgekd.train.objectives import make_kd_objective
 
     settings, data, device = job.prune, ctx.data, ctx.device
@@ -57,6 +57,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
 
     objective = make_kd_objective(job.kd, teacher_model, data, device, augment=settings.finetune.augment)
     history: list[dict[str, Any]] = []
+    mode_checks: list[dict[str, Any]] = []
 
     def gradients(m: Any) -> dict[str, Any]:
         batches = Batches(data.train, data, batch_size, device, shuffle=True, seed=ctx.seed).epoch(0)
@@ -65,6 +66,9 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
 
     def recover(m: Any, row: dict[str, Any]) -> None:
         distributed.share_module_from_main(m)  # under torchrun every rank recovers rank 0's pruned model
+        if settings.finetune.bn_recalibration_batches:  # the surgery changed every pruned layer's activations
+            recalibrated = recalibrate(m, data, settings.finetune.bn_recalibration_batches, batch_size, device, ctx.seed)
+            row["bn_recalibrated"] = {k: recalibrated[k] for k in ("batches", "samples")}
         row["accuracy_after_prune"] = val_accuracy(m)
         log.info("  step %d/%d: channel ratio %.3f -> %s MACs (%.3f), %s params (%.3f), val %.4f before recovery",
                  row["step"], settings.steps, row["channel_ratio"], f"{row['macs']:,}", row["macs_fraction"],
@@ -72,8 +76,10 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
         m.train()  # the pruner left the model in eval mode; fit builds a fresh optimizer over the pruned parameters
         result = fit(m, data, settings.finetune, device=device, seed=ctx.seed, objective=objective,
                      desc=f"recovery {row['step']}/{settings.steps}", batch_size=batch_size,
-                     eval_batch_size=eval_batch, reference_val_logits=teacher_val, log=log.info)
+                     eval_batch_size=eval_batch, reference_val_logits=teacher_val, log=log.info,
+                     config_key="prune.finetune")
         row["accuracy_after_recovery"] = val_accuracy(m)
+        mode_checks.append(result.mode_check)
         history.extend({"step": row["step"], **epoch} for epoch in result.history)
 
     try:
@@ -110,6 +116,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
         "accuracy_after_recovery": last["accuracy_after_recovery"],
         "test_accuracy_before_prune": test_before, "test_accuracy": test_accuracy,
         "finetune_epochs": settings.finetune.epochs, "steps": pruned.steps, "history": history,
+        "mode_check": mode_checks[-1] if mode_checks else {},
     }
     summary = (f"{source} MACs {macs_before:,} -> {macs_after:,} ({metrics['macs_fraction']:.3f}), params "
                f"{params_before:,} -> {params_after:,}; val {accuracy_before:.4f} -> {metrics['accuracy_after_prune']:.4f} "

@@ -32,7 +32,7 @@ def plan(cfg: PipelineConfig) -> StagePlan:
 def run(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
     from edgekd.models import count_parameters, model_meta
     from edgekd.models.checkpoint import load_into, read_checkpoint, save_checkpoint
-    from edgekd.train.loop import accuracy, fit, predict
+    from edgekd.train.loop import accuracy, check_modes, fit, predict
 
     data, batches = ctx.data, ctx.data_config
     log.info("  data: %s, %s, splits %s", data.meta.dataset, "x".join(map(str, data.meta.input_shape)), data.meta.split_sizes)
@@ -47,9 +47,13 @@ def run(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
         result = fit(
             model, data, teacher.train, device=ctx.device, seed=ctx.seed, desc="teacher",
             batch_size=batches.batch_size, eval_batch_size=batches.eval_batch_size, log=log.info,
+            config_key="teacher.train",
         )
         metrics.update(source="trained", history=result.history, best_epoch=result.best_epoch, train_wall_s=result.wall_s)
     val_accuracy = accuracy(predict(model, data.val, data, ctx.device, batches.eval_batch_size), data.val.labels)
+    metrics["mode_check"] = (result.mode_check if teacher.checkpoint is None else
+                             check_modes(model, data, ctx.device, val_accuracy, batches.eval_batch_size, "teacher",
+                                         "teacher.checkpoint"))
     test_accuracy = accuracy(predict(model, data.test, data, ctx.device, batches.eval_batch_size), data.test.labels)
     metrics.update(val_accuracy=round(val_accuracy, 6), test_accuracy=round(test_accuracy, 6), data=_data_summary(data))
     save_checkpoint(model, ctx.path(ARTIFACT), model_meta(teacher.model, teacher.model_kwargs, MODEL))
