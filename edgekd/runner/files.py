@@ -54,6 +54,12 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> None:
     atomic.write_json(run_dir / MANIFEST, manifest.to_json())
 
 
+def _plain(name: str) -> bool:
+    """A relative name that stays inside the run directory (what edgekd itself ever records)."""
+    clean = posixpath.normpath(name)
+    return not (posixpath.isabs(clean) or clean in (".", "..") or clean.startswith("../"))
+
+
 def _top_key(name: str) -> str:
     """The manifest `files` entry that owns `name`: itself for a top-level file, 'folder/' for anything in one."""
     first, _, rest = name.partition("/")
@@ -72,13 +78,13 @@ class RunFiles:
         self.manifest = manifest
         self.checked = checked
         if checked and manifest.files is None:  # written by an edgekd that did not record its files yet
-            manifest.files = sorted({MANIFEST, LOG, *map(_top_key, manifest.all_artifacts())})
+            manifest.files = sorted({MANIFEST, LOG, *(_top_key(n) for n in manifest.all_artifacts() if _plain(n))})
 
     # ----------------------------------------------------------------------------------------------
     # Ownership
 
     def _recorded(self) -> set[str]:
-        return {*(self.manifest.files or ()), *map(_top_key, self.manifest.all_artifacts())}
+        return {*(self.manifest.files or ()), *(_top_key(n) for n in self.manifest.all_artifacts() if _plain(n))}
 
     def owns(self, name: str) -> bool:
         return _top_key(self._normalize(name)) in self._recorded()
@@ -86,11 +92,9 @@ class RunFiles:
     def _normalize(self, name: str) -> str:
         """`name` as a clean relative path inside the run directory (a trailing '/' marks a folder)."""
         raw = str(name).replace(os.sep, "/")
-        folder = raw.endswith("/")
-        clean = posixpath.normpath(raw) if raw else "."
-        if posixpath.isabs(clean) or clean in (".", "..") or clean.startswith("../"):
+        if not raw or not _plain(raw):
             raise InputError(f"refusing to write outside the run directory: {name}")
-        return clean + ("/" if folder else "")
+        return posixpath.normpath(raw) + ("/" if raw.endswith("/") else "")
 
     def _refuse_links(self, clean: str) -> None:
         """A symbolic link on the way to a path edgekd writes would send the write elsewhere: refuse it."""
