@@ -43,7 +43,7 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(target: str | Path, data: bytes) -> Path:
+def write_bytes(target: str | Path, data: bytes | memoryview) -> Path:
     with atomic_path(target) as temp:
         temp.write_bytes(data)
     return Path(target)
