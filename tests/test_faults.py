@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
@@ -62,6 +61,7 @@ class Interrupted:
     manifest: dict[str, Any]
     files: list[str]
     next_log: str = ""  # what the following run logged
+    next_stdout: str = ""  # and printed (the lock is taken before log.txt is opened)
 
 
 @dataclass
@@ -96,6 +96,7 @@ def _run_chain(name: str, folder: Path, core: int | None) -> Chain:
                 proc.wait()
         if chain.interrupted:
             chain.interrupted[-1].next_log = (run_dir / "log.txt").read_bytes()[offset:].decode("utf-8", "replace")
+            chain.interrupted[-1].next_stdout = proc.stdout
         if stage is not None:
             chain.interrupted.append(Interrupted(stage, proc, read_json(run_dir / "manifest.json"), files_in(run_dir)))
     return chain
@@ -171,7 +172,7 @@ def test_rerun_after_each_interruption_resumes_at_the_interrupted_stage(chains: 
             f"{name} in {point.stage}:\n{point.next_log}"
         assert states[point.stage][0] == "running", f"{name} in {point.stage}:\n{point.next_log}"
         if name == "SIGKILL":
-            assert f"taking over a stale lock left by pid {point.proc.pid}" in point.next_log
+            assert f"taking over a stale lock left by pid {point.proc.pid}" in point.next_stdout
 
 
 def test_interrupted_chains_finish_with_the_bytes_of_an_uninterrupted_run(
