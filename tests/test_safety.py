@@ -422,16 +422,20 @@ def test_a_file_named_like_the_lock_that_is_not_one_is_refused_not_deleted(tmp_p
 
 @pytest.mark.parametrize("fingerprint", ["../../escape", "../report", ".hidden", "a/b"])
 def test_merged_device_file_name_from_its_fingerprint_stays_in_devices(tmp_path: Path, fingerprint: str) -> None:
-    from edgekd.report.render import add_device_file
-    from edgekd.runner.contract import Manifest
-    from edgekd.runner.files import RunFiles
+    """`edgekd report RUN_DIR --merge device.json` names the kept copy after the file's own fingerprint."""
+    pytest.importorskip("onnx")
+    from click.testing import CliRunner
+    from report_fixture import make_run
 
+    from edgekd.cli import main
+
+    run_dir = make_run(tmp_path)
     device = {"schema_version": 1, "fingerprint": fingerprint, "device": {"cpu": "Cortex-A72", "arch": "aarch64"},
-              "artifacts": [{"name": "model", "path": "model.onnx",
-                             "latency_ms": [{"threads": 1, "batch": 1, "p50": 0.9, "p90": 1.0, "p99": 1.2, "mean": 0.95}]}]}
+              "artifacts": [{"name": "model", "path": "model.onnx", "latency_ms": [
+                  {"threads": 1, "batch": 1, "p50": 0.9, "p90": 1.0, "p99": 1.2, "mean": 0.95}]}]}
     (tmp_path / "device.json").write_text(json.dumps(device))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    with pytest.raises(InputError, match="is not a plain name"):
-        add_device_file(RunFiles(run_dir, Manifest()), tmp_path / "device.json")
-    assert files_in(tmp_path) == ["device.json"]
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(run_dir), "--merge", str(tmp_path / "device.json")])
+    assert result.exit_code == 2, result.output
+    assert "is not a plain name" in result.output
+    assert _snapshot(tmp_path) == before
