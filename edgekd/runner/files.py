@@ -37,8 +37,7 @@ WORK_PREFIX = ".edgekd-work-"
 def read_manifest(run_dir: Path) -> Manifest:
     path = run_dir / MANIFEST
     if path.is_symlink():
-        raise InputError(f"{path}: is a symbolic link; edgekd never follows links in its run directory "
-                         "(remove it or choose another output_dir)")
+        raise _link_refused(path)
     if not path.is_file():
         return Manifest()
     try:
@@ -52,6 +51,11 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> None:
     manifest.edgekd_version = __version__
     manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic.write_json(run_dir / MANIFEST, manifest.to_json())
+
+
+def _link_refused(path: Path) -> InputError:
+    return InputError(f"{path}: is a symbolic link; edgekd never writes through links in its run directory "
+                      "(remove it or choose another output_dir)")
 
 
 def _plain(name: str) -> bool:
@@ -102,8 +106,7 @@ class RunFiles:
         for part in clean.rstrip("/").split("/"):
             current = current / part
             if current.is_symlink():
-                raise InputError(f"{current}: is a symbolic link; edgekd never writes through links in its run "
-                                 "directory (remove it or choose another output_dir)")
+                raise _link_refused(current)
 
     def claim(self, *names: str) -> None:
         """Make `names` edgekd's, recording any new one in the manifest before it is created (one write).
@@ -161,9 +164,8 @@ class RunFiles:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise InputError(f"{path}: is a symbolic link; edgekd never writes through links in its run "
-                                 "directory (remove it or choose another output_dir)") from None
+            if exc.errno == errno.ELOOP:  # made a link since it was claimed
+                raise _link_refused(path) from None
             raise
         return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -179,7 +181,9 @@ class RunFiles:
             return []
         recorded = self._recorded()
         removed: list[str] = []
-        for entry in os.scandir(self.run_dir):
+        with os.scandir(self.run_dir) as scan:
+            entries = list(scan)
+        for entry in entries:
             if entry.is_symlink():
                 continue
             if entry.is_dir():
