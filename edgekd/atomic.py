@@ -9,12 +9,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TEMP_MARK = ".tmp-"
+_TEMP_SUFFIX = re.compile(r"\.[a-z0-9_]{8}\Z")  # mkstemp's random part
 
 
 @contextlib.contextmanager
@@ -41,7 +43,7 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(target: str | Path, data: bytes) -> Path:
+def write_bytes(target: str | Path, data: bytes | memoryview) -> Path:
     with atomic_path(target) as temp:
         temp.write_bytes(data)
     return Path(target)
@@ -63,20 +65,10 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-# Work folders that stages create inside the run directory (export's staging folder, the ORT-format
-# converter's temp folder); a process killed midway leaves them behind.
-STALE_FOLDER_PREFIXES = (TEMP_MARK, ".staging-export-", ".ort-convert-")
-
-
-def remove_stale_temps(folder: Path) -> None:
-    """Delete temp files and work folders a killed process left behind (call it holding the run's lock)."""
-    import shutil
-
-    if not folder.is_dir():
-        return
-    for stale in sorted(folder.rglob(f"{TEMP_MARK}*"), reverse=True):
-        if stale.is_file() or stale.is_symlink():
-            stale.unlink(missing_ok=True)
-    for stale in folder.iterdir():
-        if stale.is_dir() and not stale.is_symlink() and stale.name.startswith(STALE_FOLDER_PREFIXES):
-            shutil.rmtree(stale, ignore_errors=True)
+def temp_target(name: str) -> str | None:
+    """The file name whose atomic_path temp file `name` is, or None: only mkstemp's exact pattern
+    (TEMP_MARK + target + '.' + 8 of [a-z0-9_]) counts, so a user's '.tmp-notes.md' is never taken for one."""
+    if not name.startswith(TEMP_MARK) or not _TEMP_SUFFIX.search(name):
+        return None
+    target = name[len(TEMP_MARK):-9]
+    return target or None

@@ -130,7 +130,7 @@ def make_manifest(run_dir: Path, *, p50: dict[str, float] | None = None, accurac
 
 def make_run(tmp_path: Path, *, name: str = "fixture-run", budgets: dict[str, Any] | None = None,
              report: dict[str, Any] | None = None, **options: Any) -> Path:
-    """Write runs/<name>/ with models, eval.npz, manifest.json and config.yaml; the report has not run yet."""
+    """Write runs/<name>/ with models, eval.npz, manifest.json and resolved-config.yaml; the report has not run yet."""
     run_dir = tmp_path / "runs" / name
     run_dir.mkdir(parents=True)
     names = [n for n in MODELS if (options.get("with_int8", True) or n != "int8")
@@ -143,6 +143,6 @@ def make_run(tmp_path: Path, *, name: str = "fixture-run", budgets: dict[str, An
     (run_dir / "pruned.ort").write_bytes(b"fake ort flatbuffer")  # the export stage's .ort copy
     manifest = make_manifest(run_dir, **options)
     (run_dir / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2))
-    # config.yaml is what `edgekd report` falls back to when the report stage never ran (JSON is valid YAML).
-    (run_dir / "config.yaml").write_text(json.dumps({"name": name, "budgets": budgets or {}, "report": report or {}}))
+    # resolved-config.yaml is what `edgekd report` falls back to when the report stage never ran (JSON is valid YAML).
+    (run_dir / "resolved-config.yaml").write_text(json.dumps({"name": name, "budgets": budgets or {}, "report": report or {}}))
     return run_dir

@@ -23,7 +23,7 @@ from conftest import TINY_CONFIG, run_edgekd, write_config
 
 RUN_DIR = Path("runs") / TINY_CONFIG["name"]
 # What the runner itself may leave in a run directory when a stage fails (never a stage's artifact).
-BOOKKEEPING = {f"{RUN_DIR}/{name}" for name in ("config.yaml", "log.txt", "manifest.json")}
+BOOKKEEPING = {f"{RUN_DIR}/{name}" for name in ("resolved-config.yaml", "log.txt", "manifest.json")}
 CLICK_LINES = re.compile(r"^(Usage: |Try '|\s*$)")
 
 

@@ -151,4 +151,4 @@ def test_export_stage_failure_leaves_no_new_files(tmp_path: Path, monkeypatch: p
         run_pipeline(config)
     run_dir = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run_dir.iterdir() if p.name != "log.txt") == [
-        "config.yaml", "manifest.json", "teacher.pt"]
+        "manifest.json", "resolved-config.yaml", "teacher.pt"]

@@ -26,7 +26,7 @@ def test_run_pipeline_trains_teacher_then_skips_it_on_rerun(tmp_path: Path) -> N
     first = run_pipeline(config, only=["teacher"])
     assert first.ran == ["teacher"]
     run_dir = tmp_path / "runs" / "tiny"
-    for name in ("manifest.json", "config.yaml", "log.txt", "teacher.pt"):
+    for name in ("manifest.json", "resolved-config.yaml", "log.txt", "teacher.pt"):
         assert (run_dir / name).is_file(), name
     entry = _manifest(run_dir)["stages"]["teacher"]
     assert entry["status"] == "done" and entry["wall_s"] > 0
@@ -81,5 +81,5 @@ def test_run_pipeline_output_dir_override_and_resolved_config(tmp_path: Path) ->
     config = write_config(tmp_path, TEACHER_ONLY)
     out = tmp_path / "elsewhere"
     run_pipeline(load_config(config), only=["teacher"], output_dir=out)
-    saved = (out / "config.yaml").read_text()
+    saved = (out / "resolved-config.yaml").read_text()
     assert "dataset: synthetic" in saved and str(out) in saved

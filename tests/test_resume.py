@@ -81,7 +81,7 @@ def test_resumed_run_directory_has_a_complete_report_and_no_truncated_file(scena
     assert (run_dir / report["deployed"]["path"]).is_file()
 
     files = files_in(run_dir)
-    assert not [f for f in files if ".tmp-" in f or ".staging-" in f or ".ort-convert-" in f], files
+    assert not [f for f in files if ".tmp-" in f or ".edgekd-work-" in f or ".ort-convert-" in f], files
     assert LOCK not in files
     for name in files:
         path = run_dir / name
@@ -171,17 +171,29 @@ def test_run_lock_admits_exactly_one_of_many_processes_racing_for_a_stale_lock(t
         assert not (tmp_path / LOCK).exists()
 
 
-def test_rerun_removes_temp_files_and_work_folders_a_killed_run_left(tmp_path: Path) -> None:
+def test_rerun_removes_only_the_leftovers_of_files_and_folders_the_manifest_records(tmp_path: Path) -> None:
+    from edgekd.runner.contract import Manifest
+    from edgekd.runner.files import RunFiles
+
     run_dir = tmp_path / "run"
-    leftovers = [".tmp-teacher.pt.k2j3", "deploy/.tmp-model.onnx.x1", "plots/.tmp-latency.png.9q",
-                 ".staging-export-abc/teacher.onnx", ".ort-convert-xyz/out/model.int8.ort"]
-    kept = ["teacher.pt", "deploy/model.onnx", "notes/.tmp-is-only-a-prefix-here/mine.txt"]
+    leftovers = [".tmp-teacher.pt.k2j3ab_9", "deploy/.tmp-model.onnx.x1yz0000", "plots/.tmp-latency.png.9qaaaaaa",
+                 ".edgekd-work-export/teacher.onnx", ".edgekd-work-quantize/.ort-convert-xyz/out/model.int8.ort"]
+    kept = ["teacher.pt", "deploy/model.onnx", "deploy/.tmp-notes.md",  # not atomic_path's exact temp pattern
+            ".tmp-mine.txt.abcdefgh",  # atomic_path's pattern, but for a file edgekd never recorded
+            "notes/.tmp-draft.md", "notes/.tmp-draft.md.abcdefgh", ".edgekd-work-other/mine.txt"]
     for name in leftovers + kept:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("x")
-    atomic.remove_stale_temps(run_dir)
+    (run_dir / "elsewhere").mkdir()
+    (run_dir / "elsewhere" / ".tmp-teacher.pt.k2j3ab_9").write_text("x")
+    (run_dir / "linked").symlink_to(run_dir / "elsewhere")  # a recorded name that is a link: never followed
+    kept += ["elsewhere/.tmp-teacher.pt.k2j3ab_9"]
+    manifest = Manifest(files=["teacher.pt", "deploy/", "plots/", ".edgekd-work-export/", ".edgekd-work-quantize/",
+                               "linked/"])
+    removed = RunFiles(run_dir, manifest).remove_stale_temps()
     assert files_in(run_dir) == sorted(kept)
-    assert not (run_dir / ".staging-export-abc").exists() and not (run_dir / ".ort-convert-xyz").exists()
+    assert removed == sorted([".edgekd-work-export/", ".edgekd-work-quantize/", *leftovers[:3]])
+    assert (run_dir / "linked").is_symlink()
 
 
 def test_atomic_writes_leave_no_temp_file_and_give_umask_permissions(tmp_path: Path) -> None:

@@ -304,3 +304,138 @@ def test_diverging_distillation_fails_with_exit_3_naming_epoch_and_step_and_keep
     assert stages["teacher"] == runs.diverged_before["teacher_entry"] and "distill" not in stages
     assert not [f for f in files_in(run.run_dir) if f in ("student.pt", "student_baseline.pt") or ".tmp-" in f]
     assert f"[distill] failed: {line}" in (run.run_dir / "log.txt").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# A run directory shared with the user's own files: edgekd touches only what its manifest records it created
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in files_in(folder)}
+
+
+def test_output_dir_dot_keeps_the_users_files_and_never_writes_over_the_config(tmp_path: Path) -> None:
+    """`edgekd run config.yaml --output-dir .` in a folder of the user's: a refused run (exit 2) and a rerun
+    leave every file of theirs as it was, temp-like names and the config's comments included."""
+    config = write_config(tmp_path, name="config.yaml")
+    config.write_text("# my comments, kept\n" + config.read_text())
+    mine = {"notes/.tmp-draft.md": "draft", ".tmp-keep.txt": "keep", ".tmp-teacher.pt.abcdefgh": "looks like a temp",
+            ".staging-export-mine/a.txt": "a", ".ort-convert-mine/b.txt": "b", "notes/deep/.tmp-x.md.abcdefgh": "x"}
+    for name, text in mine.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = _snapshot(tmp_path)
+    for _ in range(2):  # the second run finds a manifest of its own there
+        proc = run_edgekd("run", "config.yaml", "--output-dir", ".", "--only", "distill", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "stage 'distill' needs teacher" in _one_line(proc.stderr)
+        after = _snapshot(tmp_path)
+        assert {name: after.get(name) for name in before} == before
+        assert set(after) - set(before) == {"manifest.json", "log.txt", "resolved-config.yaml"}
+    assert "dataset: synthetic" in (tmp_path / "resolved-config.yaml").read_text()
+    assert json.loads((tmp_path / "manifest.json").read_text())["files"] == ["log.txt", "manifest.json",
+                                                                                "resolved-config.yaml"]
+
+
+@pytest.mark.parametrize("name", ["log.txt", "manifest.json", "resolved-config.yaml"])
+def test_run_directory_file_that_is_a_symlink_is_refused_and_never_followed(tmp_path: Path, name: str) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not edgekd's\n")
+    write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / name).symlink_to(outside)
+    proc = run_edgekd("run", "pipeline.yaml", "--only", "teacher", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert _one_line(proc.stderr).startswith(f"{run_dir / name}: is a symbolic link; edgekd never ")
+    assert outside.read_text() == "not edgekd's\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == [name] and (run_dir / name).is_symlink()
+
+
+def test_users_log_in_the_run_directory_is_refused_not_appended_to(tmp_path: Path) -> None:
+    write_config(tmp_path, {"output_dir": "."})
+    (tmp_path / "log.txt").write_text("my log\n")
+    proc = run_edgekd("run", "pipeline.yaml", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert _one_line(proc.stderr) == (f"{tmp_path / 'log.txt'}: already in the run directory and not written by "
+                                      "edgekd, which never writes over a file it did not create (move it away or "
+                                      "choose another output_dir)")
+    assert (tmp_path / "log.txt").read_text() == "my log\n"
+    assert sorted(files_in(tmp_path)) == ["log.txt", "pipeline.yaml"]  # refused before anything was written
+
+
+def test_users_checkpoint_at_an_artifact_path_is_refused_not_overwritten(tmp_path: Path) -> None:
+    """output_dir: . with the user's own teacher.pt as teacher.checkpoint: the teacher stage would save its
+    teacher.pt over it."""
+    from edgekd.models import create_model, model_meta
+    from edgekd.models.checkpoint import save_checkpoint
+
+    save_checkpoint(create_model("cnn_small", num_classes=4, in_channels=1, input_size=16), tmp_path / "teacher.pt",
+                    model_meta("cnn_small", {}, "teacher"))
+    mine = (tmp_path / "teacher.pt").read_bytes()
+    write_config(tmp_path, {"output_dir": ".", "teacher": {"checkpoint": "teacher.pt"}})
+    proc = run_edgekd("run", "pipeline.yaml", "--only", "teacher", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert _one_line(proc.stderr).startswith(f"{tmp_path / 'teacher.pt'}: already in the run directory and not "
+                                             "written by edgekd")
+    assert (tmp_path / "teacher.pt").read_bytes() == mine
+    assert not [f for f in files_in(tmp_path) if f.startswith(".tmp-")]
+    assert "teacher" not in json.loads((tmp_path / "manifest.json").read_text())["stages"]
+
+
+@pytest.mark.parametrize("folder", ["plots", "deploy"])
+def test_report_render_refuses_a_folder_it_did_not_create_or_a_linked_one(tmp_path: Path, folder: str) -> None:
+    pytest.importorskip("onnx")
+    from click.testing import CliRunner
+    from report_fixture import make_run
+
+    from edgekd.cli import main
+
+    run_dir = make_run(tmp_path, report={"plots": True})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run_dir / folder).symlink_to(elsewhere, target_is_directory=True)
+    result = CliRunner().invoke(main, ["report", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"{run_dir / folder}: is a symbolic link" in result.output and list(elsewhere.iterdir()) == []
+    (run_dir / folder).unlink()
+    (run_dir / folder).mkdir()  # the user's own folder of that name
+    (run_dir / folder / "mine.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["report", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"{run_dir / folder}: already in the run directory and not written by edgekd" in result.output
+    assert files_in(run_dir / folder) == ["mine.txt"]
+
+
+def test_a_file_named_like_the_lock_that_is_not_one_is_refused_not_deleted(tmp_path: Path) -> None:
+    from edgekd.runner.lock import LOCK, run_lock
+
+    (tmp_path / LOCK).write_text("my notes\n")
+    with pytest.raises(InputError, match=r"\.edgekd\.lock: not an edgekd lock file; edgekd will not remove it"):
+        with run_lock(tmp_path):
+            pass
+    assert (tmp_path / LOCK).read_text() == "my notes\n"
+    (tmp_path / LOCK).write_text("")  # created, then its run died before writing the record: stale
+    with run_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("fingerprint", ["../../escape", "../report", ".hidden", "a/b"])
+def test_merged_device_file_name_from_its_fingerprint_stays_in_devices(tmp_path: Path, fingerprint: str) -> None:
+    """`edgekd report RUN_DIR --merge device.json` names the kept copy after the file's own fingerprint."""
+    pytest.importorskip("onnx")
+    from click.testing import CliRunner
+    from report_fixture import make_run
+
+    from edgekd.cli import main
+
+    run_dir = make_run(tmp_path)
+    device = {"schema_version": 1, "fingerprint": fingerprint, "device": {"cpu": "Cortex-A72", "arch": "aarch64"},
+              "artifacts": [{"name": "model", "path": "model.onnx", "latency_ms": [
+                  {"threads": 1, "batch": 1, "p50": 0.9, "p90": 1.0, "p99": 1.2, "mean": 0.95}]}]}
+    (tmp_path / "device.json").write_text(json.dumps(device))
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(run_dir), "--merge", str(tmp_path / "device.json")])
+    assert result.exit_code == 2, result.output
+    assert "is not a plain name" in result.output
+    assert _snapshot(tmp_path) == before

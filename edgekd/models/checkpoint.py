@@ -6,6 +6,7 @@ weights_only=True explicitly keeps a malicious checkpoint from running code what
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,11 @@ def save_checkpoint(model_or_state: nn.Module | dict, path: str | Path, meta: di
     """Write {"state_dict": ..., "meta": ...} atomically; tensors are moved to CPU."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     payload = {"state_dict": {k: v.detach().cpu() for k, v in state.items()}, "meta": meta or {}}
-    with atomic.atomic_path(path) as temp:
-        torch.save(payload, temp)
+    # Serialized in memory, then written by Python: a full disk is then an OSError naming ENOSPC, where
+    # torch's own file writer only reports "unexpected pos ...".
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic.write_bytes(path, buffer.getbuffer())
     return Path(path)
 
 

@@ -10,7 +10,8 @@ from typing import Any
 from edgekd import atomic
 from edgekd.errors import StageFailed
 from edgekd.runner.contract import Manifest
-from edgekd.runtime.bundle import install_device_runner
+from edgekd.runner.files import RunFiles
+from edgekd.runtime.bundle import RUNNER_NAME, install_device_runner
 from edgekd.stages import export as export_stage
 from edgekd.stages import quantize as quantize_stage
 
@@ -42,6 +43,11 @@ def preprocess_json(manifest: Manifest) -> dict[str, Any]:
 
 def labels_json(manifest: Manifest) -> list[str]:
     return [str(label) for label in manifest.metrics(export_stage.NAME)["labels"]]
+
+
+# The top-level files a bundle may hold (edgekd_runtime/ is replaced whole by install_device_runner).
+BUNDLE_FILES = frozenset({"model.onnx", "model.ort", "labels.json", "preprocess.json", "eval.npz", "README.md",
+                          RUNNER_NAME})
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -89,14 +95,16 @@ def bundle_readme(report: dict[str, Any], files: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_deploy_bundle(report: dict[str, Any], manifest: Manifest, run_dir: Path) -> list[str]:
-    """Write deploy/; returns the files relative to run_dir. Files from an earlier choice are removed."""
-    deploy = run_dir / DEPLOY_DIR
+def write_deploy_bundle(report: dict[str, Any], manifest: Manifest, files: RunFiles) -> list[str]:
+    """Write deploy/ (a folder edgekd owns whole: `files` refuses a deploy/ it did not create); returns the
+    files relative to the run directory. Bundle files of an earlier choice are removed, nothing else."""
+    run_dir = files.run_dir
     source = report["deployed"].get("source_path")
     model = run_dir / source if source else None
     if model is None or not model.is_file():
         raise StageFailed(f"deployed artifact {report['deployed']['artifact']}: model file {source} is missing "
                           "(rerun the stage that writes it)")
+    deploy = files.path(f"{DEPLOY_DIR}/")
     written: list[Path] = []
     deploy.mkdir(parents=True, exist_ok=True)
     _copy(model, deploy / "model.onnx")
@@ -113,10 +121,6 @@ def write_deploy_bundle(report: dict[str, Any], manifest: Manifest, run_dir: Pat
     written += install_device_runner(deploy)
     names = sorted({p.relative_to(deploy).as_posix() for p in written} | {"README.md"})
     atomic.write_text(deploy / "README.md", bundle_readme(report, names))
-    keep = {deploy / n for n in names}
-    for stale in sorted(deploy.rglob("*"), reverse=True):  # files of an earlier choice (e.g. a model.ort)
-        if stale.is_file() and stale not in keep:
-            stale.unlink()
-        elif stale.is_dir() and not any(stale.iterdir()):
-            stale.rmdir()
+    for stale in sorted(BUNDLE_FILES - set(names)):  # e.g. the model.ort of an earlier choice
+        (deploy / stale).unlink(missing_ok=True)
     return [f"{DEPLOY_DIR}/{n}" for n in names]

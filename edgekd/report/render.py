@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +18,23 @@ from edgekd.report.build import build_report
 from edgekd.report.deploy import write_deploy_bundle
 from edgekd.report.plots import PLOTS
 from edgekd.runner.contract import Manifest
+from edgekd.runner.files import MANIFEST, RESOLVED_CONFIG, RunFiles, read_manifest, write_manifest
 
 log = logging.getLogger("edgekd")
 DEVICES_DIR = "devices"
 
 
-def write_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *, html: bool = True,
+def write_report(manifest: Manifest, files: RunFiles, budgets: dict[str, Any], *, html: bool = True,
                  plots: bool = True, run_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Build and write everything; returns (report, files written relative to run_dir).
+    """Build and write everything (through `files`: only paths edgekd owns); returns (report, files written
+    relative to the run directory).
 
     report.json is written last, so its presence means the rest of the report is there too.
     """
-    run_dir = Path(run_dir)
+    run_dir = files.run_dir
     report = build_report(manifest, run_dir, budgets, run_name=run_name)
-    files = write_deploy_bundle(report, manifest, run_dir)
-    report["deployed"]["files"] = files
+    written = write_deploy_bundle(report, manifest, files)
+    report["deployed"]["files"] = written
     images: dict[str, bytes] = {}
     if plots:
         from edgekd.report.plots import render_plots
@@ -39,24 +42,24 @@ def write_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *, 
         images = render_plots(report)
     for name in PLOTS:  # drop plots of an earlier render that are not drawn now
         if name not in images:
-            (run_dir / "plots" / f"{name}.png").unlink(missing_ok=True)
+            files.remove(f"plots/{name}.png")
     for name, png in images.items():
-        atomic.write_bytes(run_dir / "plots" / f"{name}.png", png)
-        files.append(f"plots/{name}.png")
+        atomic.write_bytes(files.path(f"plots/{name}.png"), png)
+        written.append(f"plots/{name}.png")
     from edgekd.report.markdown import render_markdown
 
-    atomic.write_text(run_dir / "report.md", render_markdown(report, list(images)))
-    files.append("report.md")
+    atomic.write_text(files.path("report.md"), render_markdown(report, list(images)))
+    written.append("report.md")
     if html:
         from edgekd.report.html import render_html
 
-        atomic.write_text(run_dir / "report.html", render_html(report, images))
-        files.append("report.html")
+        atomic.write_text(files.path("report.html"), render_html(report, images))
+        written.append("report.html")
     else:
-        (run_dir / "report.html").unlink(missing_ok=True)
-    atomic.write_json(run_dir / "report.json", report)
-    files.append("report.json")
-    return report, files
+        files.remove("report.html")
+    atomic.write_json(files.path("report.json"), report)
+    written.append("report.json")
+    return report, written
 
 
 def stage_metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -93,11 +96,11 @@ def log_verdicts(report: dict[str, Any]) -> None:
 
 
 def _settings_of_run(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
-    """The report stage's config as recorded in the manifest; before the stage ran, config.yaml's."""
+    """The report stage's config as recorded in the manifest; before the stage ran, the resolved config's."""
     record = manifest.record("report")
     if record is not None:
         return record.config
-    config = run_dir / "config.yaml"
+    config = run_dir / RESOLVED_CONFIG
     if config.is_file():
         from edgekd.yamlio import load_yaml_file
 
@@ -106,7 +109,7 @@ def _settings_of_run(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
     return {}
 
 
-def add_device_file(run_dir: Path, device_json: Path) -> Path:
+def add_device_file(files: RunFiles, device_json: Path) -> Path:
     """Validate a device.json and keep it in RUN_DIR/devices/ (one file per board), so every later render,
     including one by `edgekd run`, merges it."""
     from edgekd.runtime.device_report import load_device_json
@@ -121,7 +124,10 @@ def add_device_file(run_dir: Path, device_json: Path) -> Path:
         from edgekd.runtime.cpu import environment_fingerprint
 
         key = environment_fingerprint(device["device"])
-    target = run_dir / DEVICES_DIR / f"{key}.json"
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}", str(key)):  # it names a file: no '/' or '..'
+        raise InputError(f"{device_json}: fingerprint {str(key)[:80]!r} is not a plain name (letters, digits, "
+                         "'.', '_', '-')")
+    target = files.path(f"{DEVICES_DIR}/{key}.json")
     atomic.write_text(target, json.dumps(device, indent=2) + "\n")
     return target
 
@@ -129,23 +135,23 @@ def add_device_file(run_dir: Path, device_json: Path) -> Path:
 def render_run_dir(run_dir: Path, merge: list[Path] | None = None) -> dict[str, Any]:
     """Re-render RUN_DIR's report from its manifest (nothing is rerun); returns the report."""
     from edgekd.runner.lock import run_lock
-    from edgekd.runner.loop import MANIFEST, read_manifest, write_manifest
 
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
         raise InputError(f"{run_dir}: no {MANIFEST} (not an edgekd run directory?)")
     with run_lock(run_dir):
         manifest = read_manifest(run_dir)
+        files = RunFiles(run_dir, manifest)
         for path in merge or []:
-            add_device_file(run_dir, Path(path))
+            add_device_file(files, Path(path))
         settings = _settings_of_run(run_dir, manifest)
         options = settings.get("report") or {}
         budgets = normalize_budgets(settings.get("budgets"), "budgets")
-        report, files = write_report(manifest, run_dir, budgets, html=options.get("html", True),
-                                     plots=options.get("plots", True), run_name=settings.get("name"))
+        report, written = write_report(manifest, files, budgets, html=options.get("html", True),
+                                       plots=options.get("plots", True), run_name=settings.get("name"))
         record = manifest.record("report")
         if record is not None:  # keep the manifest true, so the next `edgekd run` sees an intact, up-to-date report
-            record.artifacts = {name: atomic.sha256_file(run_dir / name) for name in files}
+            record.artifacts = {name: atomic.sha256_file(run_dir / name) for name in written}
             record.metrics = stage_metrics(report)
-            write_manifest(run_dir, manifest)
+        write_manifest(run_dir, manifest)
     return report

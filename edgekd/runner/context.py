@@ -10,14 +10,17 @@ from typing import Any
 
 from edgekd.errors import InputError, StageFailed
 from edgekd.runner.contract import Manifest
+from edgekd.runner.files import RunFiles
 from edgekd.train import distributed
 
 
 class RunContext:
     def __init__(self, *, run_dir: Path, manifest: Manifest, seed: int, data_config: Any, device: str,
-                 model_factories: tuple[str, ...]) -> None:
+                 model_factories: tuple[str, ...], files: RunFiles | None = None) -> None:
         self.run_dir = run_dir
         self.manifest = manifest
+        self.files = files or RunFiles(run_dir, manifest, checked=False)
+        """What edgekd owns in the run directory: every write there goes through it (path, work_folder)."""
         self.seed = seed
         self.data_config = data_config
         """The `data:` section (batch sizes; what `data` loads)."""
@@ -40,8 +43,16 @@ class RunContext:
         return Path(tempfile.mkdtemp(prefix=f"edgekd-rank{distributed.rank()}-"))
 
     def path(self, name: str) -> Path:
-        """Where to write artifact `name` (refuses anything that would escape the run directory)."""
-        return self._inside(self.write_dir, name)
+        """Where to write artifact `name`: inside the run directory, through no symbolic link, and never over a
+        file edgekd did not write there (RunFiles records the name before the file is created)."""
+        if not distributed.is_main():
+            return self._inside(self.write_dir, name)
+        return self.files.path(name)
+
+    def work_folder(self, purpose: str) -> Path:
+        """An empty scratch folder on the run directory's file system, for files renamed into place later
+        (rank 0 only); remove it when done (a killed run's is removed by the next run)."""
+        return self.files.work_folder(purpose)
 
     @staticmethod
     def _inside(folder: Path, name: str) -> Path:

@@ -87,6 +87,10 @@ class Manifest:
     """manifest.json: stage name -> StageRecord, in pipeline order."""
 
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    files: list[str] | None = field(default_factory=list)
+    """Every top-level name edgekd created in the run directory ('name/' for a folder it owns whole), recorded
+    before it was created: the only paths edgekd writes over or deletes (runner.files). None: a manifest
+    written before edgekd kept this record."""
     schema_version: int = MANIFEST_SCHEMA
     edgekd_version: str = ""
     updated: str = ""
@@ -117,6 +121,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version,
                 "stages": {name: asdict(record) for name, record in self.stages.items()},
+                **({"files": sorted(self.files)} if self.files is not None else {}),
                 "edgekd_version": self.edgekd_version, "updated": self.updated}
 
     @classmethod
@@ -130,6 +135,9 @@ class Manifest:
         stages = data.get("stages") or {}
         if not isinstance(stages, dict):
             raise InputError(f"{source}: 'stages' is not an object; delete it to start the run afresh")
+        files = data.get("files")
+        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            raise InputError(f"{source}: 'files' is not a list of names; delete it to start the run afresh")
         return cls(stages={str(name): StageRecord.from_json(entry, f"{source}: stages.{name}")
-                           for name, entry in stages.items()},
+                           for name, entry in stages.items()}, files=files,
                    edgekd_version=str(data.get("edgekd_version") or ""), updated=str(data.get("updated") or ""))

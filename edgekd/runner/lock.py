@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edgekd.errors import InputError
 
@@ -60,16 +61,32 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         (run_dir / LOCK).unlink(missing_ok=True)
 
 
+def _holder(lock_path: Path) -> dict[str, Any]:
+    """The record in an existing lock file; {} for an empty one (its creator died before writing it).
+
+    Anything else is not an edgekd lock: it is refused, never taken over (taking over deletes it)."""
+    holder: Any = None
+    try:
+        if not lock_path.is_symlink():
+            text = lock_path.read_text()
+            holder = json.loads(text) if text else {}
+    except FileNotFoundError:  # released meanwhile: try again
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    if not isinstance(holder, dict) or (holder and not {"pid", "host"} <= holder.keys()):
+        raise InputError(f"{lock_path}: not an edgekd lock file; edgekd will not remove it (move it away "
+                         "or choose another output_dir)")
+    return holder
+
+
 def _acquire(lock_path: Path, run_dir: Path) -> None:
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     for _ in range(2):
         try:
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock_path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
+            holder = _holder(lock_path)
             same_host = holder.get("host") == record["host"]
             if holder and same_host and _process_alive(int(holder.get("pid", -1))):
                 raise InputError(
@@ -84,8 +101,12 @@ def _acquire(lock_path: Path, run_dir: Path) -> None:
             log.warning("taking over a stale lock left by pid %s", holder.get("pid", "?"))
             lock_path.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle)
+        except BaseException:  # a full disk, say: leave no lock behind
+            lock_path.unlink(missing_ok=True)
+            raise
         return
     raise InputError(f"{run_dir}: could not take the lock {lock_path}; remove it if no edgekd run is using it")
 

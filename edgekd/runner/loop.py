@@ -7,6 +7,7 @@ loop reaches them, and import torch only inside `run`, so a fully cached rerun n
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
@@ -24,6 +25,7 @@ from edgekd.version import __version__
 from edgekd.errors import EdgekdError, InputError, StageFailed
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import STAGES, Manifest, StagePlan, StageRecord, StageResult
+from edgekd.runner.files import LOG, MANIFEST, RESOLVED_CONFIG, RunFiles, read_manifest, write_manifest
 from edgekd.runner.keys import library_versions, rerun_reason
 from edgekd.runner.lock import run_lock
 from edgekd.train import distributed
@@ -32,8 +34,6 @@ from edgekd.yamlio import dump_yaml
 if TYPE_CHECKING:
     from edgekd.config import PipelineConfig
 
-MANIFEST = "manifest.json"
-LOG = "log.txt"
 
 log = logging.getLogger("edgekd")
 
@@ -95,40 +95,34 @@ def _artifacts_intact(run_dir: Path, record: StageRecord) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Manifest and log files
+# The log file
 
 
-def read_manifest(run_dir: Path) -> Manifest:
-    path = run_dir / MANIFEST
-    if not path.is_file():
-        return Manifest()
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); delete it to start the run afresh") from None
-    return Manifest.from_json(data, str(path))
+class _LogFileHandler(logging.StreamHandler):
+    """log.txt (opened by RunFiles.open_log: never through a link). A failed write (a full disk) is dropped
+    rather than printed as a traceback: the console has every line, and the failure itself ends the run."""
 
-
-def write_manifest(run_dir: Path, manifest: Manifest) -> None:
-    manifest.edgekd_version = __version__
-    manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic.write_json(run_dir / MANIFEST, manifest.to_json())
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
 
 
 @contextlib.contextmanager
-def _log_to(run_dir: Path) -> Iterator[None]:
-    handler = logging.FileHandler(run_dir / LOG, encoding="utf-8")
+def _log_to(files: RunFiles) -> Iterator[None]:
+    handler = _LogFileHandler(files.open_log())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
         yield
     finally:
         log.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):
+            handler.close()
+            handler.stream.close()
 
 
-def _append_log(run_dir: Path, text: str) -> None:
-    with open(run_dir / LOG, "a", encoding="utf-8") as handle:
+def _append_log(files: RunFiles, text: str) -> None:
+    """Best effort: a failure being reported must not be replaced by a failure to log it (a full disk)."""
+    with contextlib.suppress(OSError), files.open_log() as handle:
         handle.write(text)
 
 
@@ -160,10 +154,27 @@ def _select(only: list[str], from_stage: str | None, force: list[str]) -> tuple[
     return selected, forced
 
 
-def context_for(cfg: PipelineConfig, manifest: Manifest, device: str | None = None) -> RunContext:
-    """The context stages of this config run in (`device` overrides the config's)."""
+def context_for(cfg: PipelineConfig, manifest: Manifest, device: str | None = None,
+                files: RunFiles | None = None) -> RunContext:
+    """The context stages of this config run in (`device` overrides the config's). Without `files` (a stage
+    run on its own), writes are kept inside the run directory but not checked against the manifest's record."""
     return RunContext(run_dir=cfg.run_dir, manifest=manifest, seed=cfg.seed, data_config=cfg.data,
-                      device=device or cfg.device, model_factories=cfg.model_factories)
+                      device=device or cfg.device, model_factories=cfg.model_factories, files=files)
+
+
+def _open_run_dir(run_dir: Path) -> RunFiles:
+    """Read the manifest, clear a killed run's leftovers and record the run's own files (holding the lock)."""
+    files = RunFiles(run_dir, read_manifest(run_dir))
+    files.remove_stale_temps()
+    files.claim(MANIFEST, LOG, RESOLVED_CONFIG)  # one manifest write records all three before they exist
+    return files
+
+
+def _run_dir_error(run_dir: Path, exc: OSError) -> EdgekdError:
+    """An OSError outside any stage (the manifest, the log, the lock): one line, never a traceback. A full or
+    failing disk is a run-time failure (3); a run directory that cannot be used is bad input (2)."""
+    kind = StageFailed if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else InputError
+    return kind(f"{run_dir}: cannot write the run directory: {exc}")
 
 
 def run_pipeline(
@@ -186,43 +197,69 @@ def run_pipeline(
     if output_dir is not None:
         cfg.output_dir = Path(output_dir).resolve()
     selected, forced = _select(list(only or []), from_stage, list(force or []))
+    try:
+        return _run(cfg, selected, forced, device)
+    except OSError as exc:  # inside a stage it is already a StageFailed; this is the runner's own bookkeeping
+        raise _run_dir_error(cfg.run_dir, exc) from exc
+
+
+def _run(cfg: PipelineConfig, selected: list[str], forced: set[str], device: str | None) -> RunOutcome:
     run_dir = cfg.run_dir
     main = distributed.is_main()
     setup_console_logging(quiet=not main)
-    with (run_lock(run_dir) if main else contextlib.nullcontext()), (_log_to(run_dir) if main else contextlib.nullcontext()):
-        manifest = Manifest()
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        files: RunFiles | None = None
+        failure: Exception | None = None
         if main:
-            atomic.remove_stale_temps(run_dir)
-            manifest = read_manifest(run_dir)
-            atomic.write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
-            log.info("edgekd %s: run directory %s", __version__, run_dir)
-        ctx = context_for(cfg, distributed.broadcast_object(manifest), device)
-        planner = _Planner(run_dir, selected, forced)
-        ran: list[str] = []
-        skipped: list[str] = []
-        for name in STAGES:
-            module = load_stage(name)
-            plan = module.plan(cfg)
-            decision = None
-            if main:
-                try:
-                    decision = planner.decide(name, plan, ctx.manifest)
-                except EdgekdError as exc:
-                    distributed.broadcast_object(("abort", str(exc)))
-                    raise
-            action, detail = distributed.broadcast_object(decision)
-            if action == "abort":
-                raise StageFailed(f"rank {distributed.rank()}: rank 0 stopped the run: {detail}")
-            if action == "skip":
-                skipped.append(name)
-            if action != "run":
-                continue
-            if main or plan.distributed:
-                _run_stage(name, module, plan, ctx, detail)
-            distributed.barrier()  # artifacts are in place before any rank reads them
-            ctx.manifest = distributed.broadcast_object(ctx.manifest)
-            ran.append(name)
-        return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=ctx.manifest)
+            try:
+                files = _open_run_dir(run_dir)
+            except (EdgekdError, OSError) as exc:
+                failure = exc
+        # the other ranks learn that rank 0 could not start, rather than waiting for it until the timeout
+        action, shared = distributed.broadcast_object(("abort", str(failure)) if failure else ("ok", files and files.manifest))
+        if failure is not None:
+            raise failure
+        if action == "abort":
+            raise StageFailed(f"rank {distributed.rank()}: rank 0 stopped the run: {shared}")
+        with _log_to(files) if files is not None else contextlib.nullcontext():
+            return _run_stages(cfg, selected, forced, device, files, shared or Manifest())
+
+
+def _run_stages(cfg: PipelineConfig, selected: list[str], forced: set[str], device: str | None,
+                files: RunFiles | None, manifest: Manifest) -> RunOutcome:
+    run_dir = cfg.run_dir
+    main = files is not None
+    if files is not None:
+        atomic.write_text(files.path(RESOLVED_CONFIG), dump_yaml(cfg.to_dict()))  # validated; never the input
+        log.info("edgekd %s: run directory %s", __version__, run_dir)
+    ctx = context_for(cfg, manifest, device, files)
+    planner = _Planner(run_dir, selected, forced)
+    ran: list[str] = []
+    skipped: list[str] = []
+    for name in STAGES:
+        module = load_stage(name)
+        plan = module.plan(cfg)
+        decision = None
+        if main:
+            try:
+                decision = planner.decide(name, plan, ctx.manifest)
+            except EdgekdError as exc:
+                distributed.broadcast_object(("abort", str(exc)))
+                raise
+        action, detail = distributed.broadcast_object(decision)
+        if action == "abort":
+            raise StageFailed(f"rank {distributed.rank()}: rank 0 stopped the run: {detail}")
+        if action == "skip":
+            skipped.append(name)
+        if action != "run":
+            continue
+        if main or plan.distributed:
+            _run_stage(name, module, plan, ctx, detail)
+        distributed.barrier()  # artifacts are in place before any rank reads them
+        ctx.manifest = distributed.broadcast_object(ctx.manifest)
+        ctx.files.manifest = ctx.manifest
+        ran.append(name)
+    return RunOutcome(run_dir=run_dir, ran=ran, skipped=skipped, manifest=ctx.manifest)
 
 
 class _Planner:
@@ -275,7 +312,7 @@ def _run_stage(name: str, module: ModuleType, plan: StagePlan, ctx: RunContext, 
         previous = manifest.stages.pop(name, None)
         write_manifest(ctx.run_dir, manifest)
         for artifact in (previous.artifacts if previous else {}):
-            ctx.path(artifact).unlink(missing_ok=True)
+            ctx.files.remove(artifact)
     log.info("[%s] running", name)
     ctx.stage, ctx.depends_on = name, plan.depends_on
     ctx.content_fingerprint = fingerprint(name, plan, manifest, metrics=False)
@@ -285,13 +322,14 @@ def _run_stage(name: str, module: ModuleType, plan: StagePlan, ctx: RunContext, 
         result: StageResult = module.run(plan.settings, ctx)
     except EdgekdError as exc:  # the CLI prints it on stderr; log.txt keeps it too
         if main:
-            _append_log(ctx.run_dir, f"[{name}] failed: {exc}\n")
+            _append_log(ctx.files, f"[{name}] failed: {exc}\n")
         raise
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a bug or a library failure: one line on the console, the traceback in log.txt
         log.debug("%s", traceback.format_exc())
-        _append_log(ctx.run_dir, traceback.format_exc())
+        if main:
+            _append_log(ctx.files, traceback.format_exc())
         raise StageFailed(f"stage {name} failed: {type(exc).__name__}: {exc} (traceback in {ctx.run_dir / LOG})") from exc
     wall = time.perf_counter() - started
     if not main:

@@ -32,6 +32,7 @@ def install_device_runner(bundle_dir: str | os.PathLike) -> list[Path]:
     os.replace(staging, package)
     runner = bundle / RUNNER_NAME
     temp = bundle / f".{RUNNER_NAME}.tmp"
+    temp.unlink(missing_ok=True)  # a killed run's: copyfile would write through a link left in its place
     shutil.copyfile(_HERE / RUNNER_NAME, temp)
     temp.chmod(0o755)
     os.replace(temp, runner)

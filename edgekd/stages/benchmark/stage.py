@@ -85,7 +85,8 @@ def _providers(requested: list[str]) -> list[str] | None:
 def _torch_models(ctx: RunContext) -> dict[str, Any]:
     """Teacher and student as PyTorch eager modules on the CPU (the ONNX models' sources)."""
     names = [TEACHER, STUDENT]
-    return {name[:-len(".pt")]: ctx.load_model(name, device="cpu") for name in names if ctx.path(name).is_file()}
+    present = ctx.manifest.all_artifacts()  # written by an earlier stage (distill may be off)
+    return {name[:-len(".pt")]: ctx.load_model(name, device="cpu") for name in names if name in present}
 
 
 def _summary(rows: list[dict[str, Any]], threads: int, batch: int) -> str:

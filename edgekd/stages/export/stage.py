@@ -2,7 +2,7 @@
 
 Writes <model>.onnx for teacher / student / student_baseline / pruned (whichever earlier stages produced),
 optional `.ort` copies, eval.npz (test split) and val.npz (validation split). Everything is staged in a
-hidden folder of the run directory and moved into place only once every model passed its checks, so a
+work folder of the run directory (RunContext.work_folder) and moved into place only once every model passed its checks, so a
 failed export leaves no new file behind.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,6 @@ from edgekd.stages.export.config import EVAL_ARTIFACT, MODEL_ORDER, VAL_ARTIFACT
 from edgekd.stages.export.exporter import ort_sidecars
 
 log = logging.getLogger("edgekd")
-
-_STAGING_PREFIX = ".staging-export-"
-
 
 def models_to_export(ctx: RunContext, depends_on: tuple[str, ...]) -> list[str]:
     """Checkpoint names (teacher, student, ...) written by the stages export depends on, in report order."""
@@ -58,9 +54,7 @@ def export_stage(opts: ExportConfig, ctx: RunContext, depends_on: tuple[str, ...
     val_x, val_y = data.normalized("val")
     test_x, test_y = data.normalized("test")
     batch_sizes = list(dict.fromkeys(opts.parity_batch_sizes)) if opts.dynamic_batch else [1]
-    for stale in ctx.run_dir.glob(f"{_STAGING_PREFIX}*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=ctx.run_dir))
+    staging = ctx.work_folder("export")  # a killed run's staging folder is removed with it
     try:
         models: dict[str, dict[str, Any]] = {}
         written: list[str] = []
@@ -92,6 +86,7 @@ def export_stage(opts: ExportConfig, ctx: RunContext, depends_on: tuple[str, ...
                 written += [EVAL_ARTIFACT, VAL_ARTIFACT]
         if opts.ort_format:
             written += _ort_copies(staging, models)
+        ctx.files.claim(*written)  # recorded in one manifest write, before any of them appears
         for artifact in written:  # all checks passed: move into place (same filesystem, atomic renames)
             os.replace(staging / artifact, ctx.path(artifact))
     finally:

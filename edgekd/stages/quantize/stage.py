@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -220,10 +222,17 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     if job.ort_format:
         from edgekd.runtime.mobile import convert_to_ort_with_reason
 
-        path, error = convert_to_ort_with_reason(ctx.path(ARTIFACT), ctx.run_dir)
-        metrics["ort_path"], metrics["ort_error"] = (path.name if path else None), error
-        if path is not None:
-            artifacts += [path.name, *ort_sidecars(ctx.run_dir, path)]
+        work = ctx.work_folder("quantize")  # the converter's files are renamed into place once complete
+        try:
+            path, error = convert_to_ort_with_reason(ctx.path(ARTIFACT), work)
+            metrics["ort_path"], metrics["ort_error"] = (path.name if path else None), error
+            if path is not None:
+                converted = [path.name, *ort_sidecars(work, path)]
+                for name in converted:
+                    os.replace(work / name, ctx.path(name))
+                artifacts += converted
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     summary = (f"{metrics['artifact_name']} from {source}: {best['label']}, x{best['speedup']:.2f} vs fp32, "
                f"{int8_size / fp32_size:.2f} of the size, val drop {drop:+.4f}"
                + ("" if deployable else " -> fp32 fallback"))

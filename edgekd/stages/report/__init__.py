@@ -47,7 +47,7 @@ def plan(cfg: PipelineConfig) -> StagePlan:
 def run(job: ReportJob, ctx: RunContext) -> StageResult:
     from edgekd.report.render import log_verdicts, stage_metrics, write_report
 
-    report, files = write_report(ctx.manifest, ctx.run_dir, job.budgets.as_dict(), html=job.report.html,
+    report, files = write_report(ctx.manifest, ctx.files, job.budgets.as_dict(), html=job.report.html,
                                  plots=job.report.plots, run_name=job.name)
     log_verdicts(report)
     failed = [b["name"] for b in report["budgets"] if not b["passed"]]
