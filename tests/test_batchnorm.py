@@ -4,6 +4,7 @@ infers at chance (issue: short schedules leave running statistics behind fast-mo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,11 @@ def test_batch_statistics_accuracy_leaves_running_statistics_alone() -> None:
 
 
 @pytest.mark.slow
-def test_recalibration_rescues_a_torchvision_mobile_student_whose_eval_mode_collapsed(caplog) -> None:
+def test_recalibration_rescues_a_torchvision_mobile_student_whose_eval_mode_collapsed(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """mobilenet_v3_small at 32 px, 2 short epochs: eval-mode accuracy near chance without recalibration, clearly
     above it with; the guard names the cause and the knob."""
+    monkeypatch.setattr(logging.getLogger("edgekd"), "propagate", True)  # the CLI's console setup may have cut it
     cfg = validate_config({"data": {"dataset": "synthetic", "batch_size": 64, "synthetic": {
         "num_samples": 300, "num_classes": 10, "image_size": 32, "channels": 3}}})
     data = load_data(cfg.data, seed=0)
