@@ -40,7 +40,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         reason = next((line.strip() for line in after.splitlines() if line.strip()), "") if found else ""
         reason = reason or "unsafe or unknown content"
         raise InputError(f"{path}: refused to load: not a plain weights file ({reason[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load fails on foreign bytes in many ways (KeyError: 101, ...)
         raise InputError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
     meta: dict[str, Any] = {}
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
@@ -57,6 +57,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Load a state_dict strictly; a mismatch names the first differing key and shapes."""
+    check_fits(model, state, source)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """InputError naming the first key or shape where `state` does not fit `model` (a meta-device model will do)."""
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
@@ -69,5 +76,3 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     extra = [k for k in state if k not in expected]
     if extra:
         raise InputError(f"{source}: does not fit the architecture: unexpected key '{extra[0]}'")
-    model.load_state_dict(state, strict=True)
-    return model
