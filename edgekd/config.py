@@ -166,6 +166,8 @@ def _check_paths_exist(cfg: PipelineConfig, source: str) -> None:
                 head = handle.read(4)
         except OSError as exc:
             raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: cannot read ({exc.strerror})") from None
+        if not head:
+            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: empty file, not a PyTorch checkpoint")
         if not head.startswith(_CHECKPOINT_MAGIC):
             raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: not a PyTorch checkpoint "
                               f"(expected a torch.save file; it starts with {head!r})")

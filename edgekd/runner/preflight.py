@@ -2,10 +2,10 @@
 anything is written, so that a typo costs neither a trained teacher nor a finished run's files.
 
 - the run directory can be created and written (`paths`);
-- the models: teacher and student are built on torch's meta device (no memory, no init cost) for the data's
-  shape (`data.sources.data_shape`: known for bundled datasets, class folders counted for imagefolder; the
-  data is not loaded), which checks the model names and `model_kwargs`; a meta forward pass checks that each
-  model takes that input and gives one logit per class; `teacher.checkpoint` is read (weights only) and
+- the models: teacher and student are built on torch's meta device (no init cost) for the data's shape
+  (`data.sources.data_shape`: known for bundled datasets, class folders counted for imagefolder; the data is
+  not loaded), which checks the model names and `model_kwargs`; one forward pass of two zero images on
+  uninitialised weights checks that each model takes that input and gives one logit per class; `teacher.checkpoint` is read (weights only) and
   matched against the teacher's architecture; hint layers and `prune.ignore` are looked up in the models they
   name; `benchmark.providers` in this onnxruntime.
 
@@ -18,7 +18,6 @@ checks them against the exported graph before quantizing (the config checks what
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,20 +38,19 @@ def check_run(cfg: PipelineConfig, source: str, *, output_key: str = "output_dir
 
     if distributed.is_main():  # rank 0 owns the run directory
         check_writable_folder(cfg.run_dir, output_key if output_key.startswith("-") else f"{source}: {output_key}")
-    if rerun or not nothing_to_run(cfg):
+    up_to_date = nothing_to_run(cfg)  # reads the manifest first: a broken one is reported before any work
+    if rerun or not up_to_date:
         check_models(cfg, source)
 
 
 def nothing_to_run(cfg: PipelineConfig) -> bool:
-    """True when the manifest holds every enabled stage done with exactly this config view."""
+    """True when the manifest holds every enabled stage done with exactly this config view (InputError when the
+    manifest cannot be read)."""
     from edgekd.runner.loop import load_stage, read_manifest
 
     if not (cfg.run_dir / "manifest.json").is_file():
         return False
-    try:
-        manifest = read_manifest(cfg.run_dir)
-    except InputError:
-        return False  # the run loop reports a broken manifest
+    manifest = read_manifest(cfg.run_dir)  # a broken one is refused now, before the run loop writes anything
     for name in STAGES:
         plan = load_stage(name).plan(cfg)
         if plan is None:
@@ -119,7 +117,13 @@ def _check_models(cfg: PipelineConfig) -> None:
 
 
 def _build(spec: str, kwargs: dict[str, Any], field: str, shape: DataShape) -> nn.Module:
-    """The model on the meta device, built as the stages build it; checked to map a batch to logits."""
+    """The model as the stages build it, for the data's shape; checked to map a batch to one logit per class.
+
+    Built on the meta device (no memory, no weight init: checks the name and model_kwargs in milliseconds),
+    then given uninitialised CPU memory for one forward pass of two zero images: the shapes are real, the
+    values are not needed. (A forward pass on meta tensors would be free, but batch norm there goes through
+    decompositions that import torch's compiler, seconds on a small machine.)
+    """
     import torch
 
     from edgekd.models import create_model
@@ -130,39 +134,22 @@ def _build(spec: str, kwargs: dict[str, Any], field: str, shape: DataShape) -> n
 
     try:
         with torch.device("meta"):
-            model = build()
+            model = build().to_empty(device="cpu")
     except InputError:
-        model = build().to("meta")  # a factory that cannot run on meta: the CPU build gives the real answer
-    _check_forward(model, build, spec, field, shape)
-    return model
-
-
-def _check_forward(model: nn.Module, build: Callable[[], nn.Module], spec: str, field: str, shape: DataShape) -> None:
-    """InputError unless the model maps (2, C, H, W) to (2, num_classes); shapes only, on the meta device.
-
-    A meta kernel can be missing for an exotic op: a failure is confirmed on CPU before it is reported.
-    """
-    import torch
-
+        model = build()  # a factory that cannot build on meta: the CPU build gives the real answer
     size = (2, shape.channels, shape.size, shape.size)
     try:
         with torch.no_grad():
-            output = model.eval()(torch.empty(size, device="meta"))
-    except Exception:  # noqa: BLE001 - confirmed below on real tensors
-        output = None
-    if output is None:
-        real = build()
-        try:
-            with torch.no_grad():
-                output = real.eval()(torch.zeros(size))
-        except Exception as exc:  # noqa: BLE001 - the model's own error, reported as input
-            raise InputError(f"{field}: {spec} cannot take inputs of shape {size} "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+            output = model.eval()(torch.zeros(size))
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported as input
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        raise InputError(f"{field}: {spec} cannot take inputs of shape {size} ({type(exc).__name__}: {first_line})") from None
     expected = (2, shape.num_classes)
     got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
     if got != expected:
         raise InputError(f"{field}: {spec} gives {got} for inputs of shape {size}; expected logits {expected} "
-                         f"(one per class)")
+                         "(one per class)")
+    return model
 
 
 def _check_checkpoint(teacher: nn.Module, path: Path) -> None:
@@ -186,10 +173,5 @@ def _check_hint(cfg: PipelineConfig, teacher: nn.Module, student: nn.Module, sha
     find_module(student, hint.student_layer, "distill.hint.student_layer", "student")
     if hint.weight == 0:  # switched off: the distill stage checks only the names too
         return
-    probe = torch.empty(2, shape.channels, shape.size, shape.size, device="meta")
-    try:  # the layers' outputs must be feature maps or vectors
-        FeatureHint(teacher, student, hint.teacher_layer, hint.student_layer, hint.weight, probe).close()
-    except InputError:
-        raise
-    except Exception:  # noqa: BLE001 - a meta-device limit, not the user's: the distill stage probes real tensors
-        pass
+    probe = torch.zeros(2, shape.channels, shape.size, shape.size)  # the layers must output maps or vectors
+    FeatureHint(teacher, student, hint.teacher_layer, hint.student_layer, hint.weight, probe).close()
