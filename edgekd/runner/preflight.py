@@ -78,22 +78,22 @@ def _canonical(view: Any) -> str:
 
 def check_models(cfg: PipelineConfig, source: str) -> None:
     """The model-dependent checks; errors become `source: key: problem` lines."""
+    from edgekd.data.sources import data_shape
+
+    try:
+        shape = data_shape(cfg.data)  # torch-free: a bad data folder is reported without importing torch
+    except InputError as exc:
+        raise ConfigError(f"{source}: data.root: {exc}") from None
     import torch
 
     try:
-        with torch.random.fork_rng(devices=[]):  # a CPU fallback build must not shift the run's random stream
-            _check_models(cfg)
+        with torch.random.fork_rng(devices=[]):  # model builds draw initial weights: keep the run's stream as is
+            _check_models(cfg, shape)
     except InputError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def _check_models(cfg: PipelineConfig) -> None:
-    from edgekd.data.sources import data_shape
-
-    try:
-        shape = data_shape(cfg.data)
-    except InputError as exc:
-        raise InputError(f"data.root: {exc}") from None
+def _check_models(cfg: PipelineConfig, shape: DataShape) -> None:
     teacher = _build(cfg.teacher.model, cfg.teacher.model_kwargs, "teacher.model", shape)
     if cfg.teacher.checkpoint is not None:
         _check_checkpoint(teacher, cfg.teacher.checkpoint)
