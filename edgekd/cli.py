@@ -80,13 +80,16 @@ def main() -> None:
 @click.option("--only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable); earlier ones must be up to date.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: output_dir from the config).")
 @click.option("--device", help="Override the config's device: auto, cpu, cuda, cuda:N.")
-@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the budget verdicts as JUnit XML.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the budget verdicts as JUnit XML (one error case when a stage fails).")
 @reports_errors
 def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...], output_dir: Path | None,
         device: str | None, junit: Path | None) -> None:
     """Run the pipeline in CONFIG (a pipeline.yaml); stages that are up to date are skipped.
 
     Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
+    Everything that can be checked without training (the config, the models it names, the output paths) is
+    checked before anything is written.
     """
     _require_pipeline("run")
     from edgekd.config import load_config
