@@ -141,9 +141,11 @@ def init(path: Path, force: bool) -> None:
 
     from edgekd import atomic
     from edgekd.errors import InputError
+    from edgekd.paths import check_output_file
 
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (use --force to overwrite)")
+    check_output_file(path, "PATH")
     atomic.write_text(path, files("edgekd").joinpath("templates/pipeline.yaml").read_text(encoding="utf-8"))
     click.echo(f"wrote {path}; run it with: edgekd run {path}")
 

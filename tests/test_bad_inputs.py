@@ -448,6 +448,8 @@ CASES = [
                 r"^pipeline\.yaml: output_dir: .*/n{300}: cannot write there \(File name too long\)$"),
     config_case("output-dir-disk-full-at-start", cause=r"^pipeline\.yaml: output_dir: .*/runs/tiny: cannot write there \(File too large\)$",
                 extra=sitecustomize(SITE_DISK_FULL), env=LOCAL_IMPORTS),
+    tool_case("output-init-under-a-file", ["init", "afile/pipeline.yaml"],
+              r"^PATH: afile/pipeline\.yaml: is under afile, which is a file, not a folder$", a_file),
     config_case("output-junit-under-a-file", args=("--junit", "afile/junit.xml"),
                 cause=r"^--junit: afile/junit\.xml: is under afile, which is a file, not a folder$", extra=a_file),
     config_case("output-manifest-not-an-object", cause=r"^.*/runs/tiny/manifest\.json: not a JSON object; delete it",
