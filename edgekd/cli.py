@@ -2,7 +2,7 @@
 `edgekd check` never import torch.
 
 Exit codes: 0 ok · 1 budgets breached / regression · 2 bad input · 3 a stage failed at run time ·
-4 `compare` inconclusive (measurement noise larger than the threshold).
+4 `compare` inconclusive (measurement noise larger than the threshold) · 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -40,8 +40,31 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as exc:  # a path the checks could not foresee (a disk filling up, a folder vanishing)
+            click.echo(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"{exc}", err=True)
+            sys.exit(2)
 
     return wrapper
+
+
+# What each pipeline command imports first; `pip install edgekd` (the runtime) has none of them.
+_PIPELINE_MODULES = {
+    "run": ("torch", "torchvision", "onnx", "torch_pruning", "yaml"),
+    "models": ("torch",),
+    "report": ("yaml",),
+}
+
+
+def _require_pipeline(command: str) -> None:
+    """One line naming the extra to install, instead of a ModuleNotFoundError traceback."""
+    from importlib.util import find_spec
+
+    from edgekd.errors import InputError
+
+    missing = [name for name in _PIPELINE_MODULES[command] if find_spec(name) is None]
+    if missing:
+        raise InputError(f"edgekd {command} needs the pipeline extra ({', '.join(missing)} not installed): "
+                         f'pip install "edgekd[pipeline]"')
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,20 +80,44 @@ def main() -> None:
 @click.option("--only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable); earlier ones must be up to date.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: output_dir from the config).")
 @click.option("--device", help="Override the config's device: auto, cpu, cuda, cuda:N.")
-@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the budget verdicts as JUnit XML.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the budget verdicts as JUnit XML (one error case when a stage fails).")
 @reports_errors
 def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...], output_dir: Path | None,
         device: str | None, junit: Path | None) -> None:
     """Run the pipeline in CONFIG (a pipeline.yaml); stages that are up to date are skipped.
 
     Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
+    Everything that can be checked without training (the config, the models it names, the output paths) is
+    checked before anything is written.
     """
+    _require_pipeline("run")
     from edgekd.config import load_config
+    from edgekd.paths import check_output_file
     from edgekd.runner.launch import launch
+    from edgekd.runner.preflight import check_run
+    from edgekd.train import distributed
 
+    distributed.check_environment()
     overrides = {"device": device} if device is not None else None
     cfg = load_config(config, overrides)  # --device goes through the same validation as the config field
-    outcome = launch(cfg, only=list(only), from_stage=from_stage, force=list(force), output_dir=output_dir, device=device)
+    if junit is not None:
+        check_output_file(junit, "--junit")
+    if output_dir is not None:
+        cfg.output_dir = output_dir.resolve()
+    # Everything that can be checked without training, before anything is written.
+    check_run(cfg, config.name, output_key="--output-dir" if output_dir is not None else "output_dir",
+              rerun=bool(from_stage or force))
+    try:
+        outcome = launch(cfg, only=list(only), from_stage=from_stage, force=list(force), output_dir=output_dir,
+                         device=device)
+    except EdgekdError as exc:
+        if junit is not None and distributed.is_main():  # CI reads the failure from the JUnit file too
+            from edgekd.gate.junit import write_junit_for_failure
+            from edgekd.runner.preflight import failed_stage
+
+            write_junit_for_failure(junit, failed_stage(cfg), str(exc))
+        raise
     if outcome is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     if junit is not None:
@@ -94,16 +141,20 @@ def init(path: Path, force: bool) -> None:
 
     from edgekd import atomic
     from edgekd.errors import InputError
+    from edgekd.paths import check_output_file
 
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (use --force to overwrite)")
+    check_output_file(path, "PATH")
     atomic.write_text(path, files("edgekd").joinpath("templates/pipeline.yaml").read_text(encoding="utf-8"))
     click.echo(f"wrote {path}; run it with: edgekd run {path}")
 
 
 @main.command()
+@reports_errors
 def models() -> None:
     """List the model names that teacher.model / student.model accept."""
+    _require_pipeline("models")
     import inspect
 
     from edgekd.models import available_models
@@ -141,6 +192,10 @@ def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tup
     """
     from edgekd.runtime.bench import bench_model, format_table
 
+    if json_out is not None:
+        from edgekd.paths import check_output_file
+
+        check_output_file(json_out, "--json")
     chosen = [name.strip() for item in providers for name in item.split(",") if name.strip()]
     result = bench_model(model, data, threads=threads or (1,), batches=batches or (1,), providers=chosen or None,
                          warmup=warmup, iterations=iterations, mobile=not no_mobile, memory=not no_memory,
@@ -177,6 +232,7 @@ def report(run_dir: Path, merge: tuple[Path, ...]) -> None:
 
     Exits 0 when every budget is met, 1 when one is breached, 2 on bad input.
     """
+    _require_pipeline("report")
     from edgekd.gate.budgets import verdict_lines
     from edgekd.report.render import render_run_dir
 
@@ -209,6 +265,10 @@ def check(report_json: Path, budgets_file: Path | None, artifact: str | None, ju
     from edgekd.gate.budgets import (budgets_of_report, evaluate_report, load_budgets_file, load_report,
                                      normalize_budgets, verdict_lines)
 
+    if junit is not None:
+        from edgekd.paths import check_output_file
+
+        check_output_file(junit, "--junit")
     data = load_report(report_json)
     budgets = load_budgets_file(budgets_file) if budgets_file else budgets_of_report(data)
     overrides = {k: v for k, v in flags.items() if v is not None}
@@ -256,7 +316,11 @@ def compare(base: Path, new: Path, max_latency_regression: str, max_accuracy_dro
     """
     from edgekd.gate.budgets import load_report
     from edgekd.gate.compare import compare_reports, format_comparison, parse_fraction
+    from edgekd.paths import check_output_file
 
+    for option, path in (("--junit", junit), ("--json", json_out)):
+        if path is not None:
+            check_output_file(path, option)
     result = compare_reports(
         load_report(base), load_report(new), max_latency_regression=parse_fraction(max_latency_regression, "--max-latency-regression"),
         max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop"),

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgekd.data.config import DataConfig
 from edgekd.errors import ConfigError
@@ -29,11 +29,12 @@ from edgekd.yamlio import load_yaml_file
 # The stages that can be switched off, and the one way to do it: `<stage>: null`.
 OPTIONAL_STAGES = ("distill", "prune", "quantize")
 
+
 class PipelineConfig(Section):
     name: str = "edgekd-run"
     """Run name; the default output_dir is runs/<name>."""
-    seed: int = 0
-    """Seed of splits, initialisation and shuffling."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of splits, initialisation and shuffling (0 to 2^32-1: what numpy and torch both take)."""
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda | cuda:N."""
     output_dir: Path | None = None
@@ -159,11 +160,26 @@ def validate_config(raw: Any, source: str = "pipeline.yaml", base_dir: Path | No
     return cfg
 
 
+# torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle (protocol 2+: 0x80).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def _check_paths_exist(cfg: PipelineConfig, source: str) -> None:
     """Missing input files are config errors, caught before anything is written."""
     checkpoint = cfg.teacher.checkpoint
-    if checkpoint is not None and not checkpoint.is_file():
-        raise ConfigError(f"{source}: teacher.checkpoint: no such file: {checkpoint}")
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise ConfigError(f"{source}: teacher.checkpoint: no such file: {checkpoint}")
+        try:
+            with open(checkpoint, "rb") as handle:
+                head = handle.read(4)
+        except OSError as exc:
+            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: cannot read ({exc.strerror})") from None
+        if not head:
+            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: empty file, not a PyTorch checkpoint")
+        if not head.startswith(_CHECKPOINT_MAGIC):
+            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: not a PyTorch checkpoint "
+                              f"(expected a torch.save file; it starts with {head!r})")
     for key, folder in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
         downloadable = key == "data.root" and cfg.data.dataset == "cifar10" and cfg.data.download
         if folder is not None and not folder.is_dir() and not downloadable:
@@ -174,6 +190,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     """Read and validate pipeline.yaml. Raises ConfigError with `file: key: problem` lines."""
     path = Path(path)
     raw = load_yaml_file(path)
+    if raw is None or raw == {}:  # an empty file would otherwise run the whole default pipeline
+        raise ConfigError(f"{path.name}: empty config (no settings); `edgekd init --force {path}` writes a "
+                          "commented starter that runs as is")
     if overrides and isinstance(raw, dict):
         raw = {**raw, **overrides}
     return validate_config(raw, source=path.name, base_dir=path.parent)

@@ -25,6 +25,29 @@ class Section(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+def positive_ints(value: list[int]) -> list[int]:
+    """A list setting of sizes or counts (batch sizes, threads): not empty, each >= 1."""
+    if not value:
+        raise ValueError("must not be empty")
+    bad = [v for v in value if v < 1]
+    if bad:
+        raise ValueError(f"must be >= 1 (got {bad[0]})")
+    return value
+
+
+def distinct_names(value: list[str]) -> list[str]:
+    """A list of names (layers, nodes, providers): no empty or blank-padded names, no repeats."""
+    for name in value:
+        if not name.strip():
+            raise ValueError(f"names must not be empty (got {name!r})")
+        if name != name.strip():
+            raise ValueError(f"names must not start or end with spaces (got {name!r})")
+    repeated = sorted({name for name in value if value.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{repeated[0]!r} is listed twice")
+    return value
+
+
 def _model_for_loc(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class at a location (for 'did you mean' suggestions)."""
     model: Any = root

@@ -1,16 +1,23 @@
 """Bad-input matrix through the real command line: every case exits 2 (bad input) with one line naming the
-cause, no traceback, and no new or partial artifact. (Exit 3, a run-time failure, is test_safety's NaN guard.)
+cause, no traceback, and no new or partial artifact; nothing of the user's (a config, a file in the way of an
+output, a finished run's files) is changed or deleted. (Exit 3, a run-time failure, is test_safety's NaN guard.)
 
-Config, CLI-argument, ONNX and report cases fail before torch is imported (under a second each); data and
-model cases fail in the teacher stage, before any training. The cases run as subprocesses two at a time
-(one module-scoped pool); each test then asserts on its own case.
+Config, CLI-argument, environment, output-path, ONNX and report cases fail before torch is imported (under a
+second each); model cases fail in `edgekd run`'s pre-flight (models built on the meta device, before anything
+is written); only data that has to be decoded (a corrupt image, a decompression bomb, mixed channels) fails
+in the teacher stage, before any training. The cases run as subprocesses two at a time (one module-scoped
+pool); each test then asserts on its own case.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import struct
+import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +43,11 @@ class Case:
     writes: str = "nothing"  # "nothing": no file appears or changes; "bookkeeping": only BOOKKEEPING may appear
     usage: bool = False  # a click usage error: "Usage:"/"Try" lines, then one "Error: ..." line
     env: dict[str, str] = field(default_factory=dict)
+    within_s: float | None = None  # answered within this many seconds (e.g. an alias bomb is not expanded)
+
+
+# The case folder first on the import path (user factories, sitecustomize.py), the checkout after it.
+LOCAL_IMPORTS = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +56,8 @@ class Case:
 
 def config_case(id: str, override: dict[str, Any] | None = None, cause: str = "", *, text: str | None = None,
                 args: tuple[str, ...] = (), code: int = 2, writes: str = "nothing", usage: bool = False,
-                extra: Callable[[Path], None] | None = None, env: dict[str, str] | None = None) -> Case:
+                extra: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
+                within_s: float | None = None) -> Case:
     """`edgekd run pipeline.yaml ARGS` with TINY_CONFIG + override (or the raw YAML `text`)."""
 
     def setup(folder: Path) -> list[str]:
@@ -56,7 +69,7 @@ def config_case(id: str, override: dict[str, Any] | None = None, cause: str = ""
             extra(folder)
         return ["run", "pipeline.yaml", *args]
 
-    return Case(id, setup, code, cause, writes, usage, env or {})
+    return Case(id, setup, code, cause, writes, usage, env or {}, within_s)
 
 
 def stage_case(id: str, override: dict[str, Any], cause: str, extra: Callable[[Path], None] | None = None,
@@ -66,7 +79,7 @@ def stage_case(id: str, override: dict[str, Any], cause: str, extra: Callable[[P
 
 
 def tool_case(id: str, args: list[str], cause: str, files: Callable[[Path], None] | None = None, *,
-              usage: bool = False) -> Case:
+              usage: bool = False, env: dict[str, str] | None = None) -> Case:
     """bench / check / compare / report on files in the case folder."""
 
     def setup(folder: Path) -> list[str]:
@@ -74,7 +87,7 @@ def tool_case(id: str, args: list[str], cause: str, files: Callable[[Path], None
             files(folder)
         return list(args)
 
-    return Case(id, setup, 2, cause, "nothing", usage)
+    return Case(id, setup, 2, cause, "nothing", usage, env or {})
 
 
 def write_png(path: Path, mode: str, size: int = 12, value: int = 128) -> None:
@@ -104,9 +117,41 @@ def mixed_channels(folder: Path) -> None:
     write_png(folder / "images" / "b_colour" / "0.png", "RGB")
 
 
+def empty_class(folder: Path) -> None:
+    one_class(folder)
+    write_png(folder / "images" / "dog" / "0.png", "L")
+    (folder / "images" / "empty").mkdir()
+    (folder / "images" / "empty" / "notes.txt").write_text("no images here\n")
+
+
+def png_bomb(path: Path, side: int = 50_000) -> None:
+    """A 300-byte PNG whose header claims side x side grey pixels (2.5 gigapixels: PIL's bomb guard)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def decompression_bomb(folder: Path) -> None:
+    one_class(folder)
+    write_png(folder / "images" / "dog" / "0.png", "L")
+    png_bomb(folder / "images" / "dog" / "1.png")
+
+
 FACTORIES = '''
+import torch
+
+
 def explode(num_classes, in_channels, input_size):
     raise RuntimeError("boom: out of widgets")
+
+
+def seven_logits(num_classes, in_channels, input_size):
+    # ignores num_classes: the run would train a 7-way head on 4 classes
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * input_size * input_size, 7))
 '''
 
 
@@ -138,11 +183,76 @@ def list_pickle(folder: Path) -> None:
     torch.save([1, 2, 3], folder / "list.pt")
 
 
+def foreign_checkpoints(folder: Path) -> None:
+    """Files named .pt that torch.save did not write: text, a zip of notes, a plain pickle."""
+    import pickle
+    import zipfile
+
+    (folder / "notes.pt").write_text("epoch 12: val 0.98, saved to the cluster\n")
+    with zipfile.ZipFile(folder / "archive.pt", "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    (folder / "plain.pt").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+
+
+def finished_run(folder: Path) -> None:
+    """A finished run's files (stand-ins): a refused config must leave every one of them in place."""
+    run = folder / RUN_DIR
+    run.mkdir(parents=True)
+    stages = {name: {"fingerprint": "0" * 16, "status": "done", "artifacts": {f"{name}.pt": "0" * 64}}
+              for name in ("teacher", "distill")}
+    (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "stages": stages}))
+    for name in ("teacher.pt", "distill.pt", "student.pt"):
+        (run / name).write_bytes(b"PK\x03\x04 stand-in weights")
+
+
+def manifest_not_an_object(folder: Path) -> None:
+    (folder / RUN_DIR).mkdir(parents=True)
+    (folder / RUN_DIR / "manifest.json").write_text("[1, 2, 3]\n")
+
+
+def a_file(folder: Path) -> None:
+    (folder / "afile").write_text("the user's notes\n")
+
+
+def unwritable_dir() -> str:
+    """A folder this process cannot create: under /sys for root (permissions do not stop root)."""
+    return "/sys/edgekd-bad-input" if os.geteuid() == 0 else "/proc/edgekd-bad-input"
+
+
+SITE_BLOCK_PIPELINE = (  # a runtime-only install (`pip install edgekd`): none of the pipeline extra
+    "import sys\nfor name in ('torch', 'torchvision', 'torch_pruning', 'onnx', 'onnxscript', 'yaml'):\n"
+    "    sys.modules[name] = None\n")
+SITE_DISK_FULL = (  # no byte can be written: stands in for a full disk (ENOSPC) at the start of a run
+    "import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n")
+
+
+def sitecustomize(text: str) -> Callable[[Path], None]:
+    def make(folder: Path) -> None:
+        (folder / "sitecustomize.py").write_text(text)
+
+    return make
+
+
+ALIAS_BOMB = "name: tiny\nteacher:\n  model_kwargs:\n    l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
+
+
 def onnx_files(folder: Path) -> None:
-    """tiny.onnx ([N, 1, 8, 8] -> logits [N, 4]), rgb.npz (3-channel inputs: the wrong shape)."""
+    """tiny.onnx ([N, 1, 8, 8] -> logits [N, 4]), rgb.npz (3-channel inputs: the wrong shape), constant.onnx
+    (no inputs at all), afile (a file where an output folder would go)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
     from report_fixture import tiny_model
 
     tiny_model(folder / "tiny.onnx", hidden=8)
+    value = numpy_helper.from_array(np.zeros((1, 4), np.float32))
+    graph = helper.make_graph([helper.make_node("Constant", [], ["logits"], value=value)], "constant", [],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "constant.onnx")
+    a_file(folder)
     rng = np.random.default_rng(0)
     np.savez(folder / "rgb.npz", inputs=rng.standard_normal((4, 3, 8, 8)).astype(np.float32),
              labels=np.zeros(4, np.int64))
@@ -159,12 +269,18 @@ def report_files(folder: Path) -> None:
     (folder / "future.json").write_text(json.dumps({**VALID_REPORT, "schema_version": 99}))
     (folder / "no_rows.json").write_text(json.dumps({"schema_version": 1, "artifacts": {}}))
     (folder / "budgets.json").write_text(json.dumps({"latency_p90": 2.0}))
+    a_file(folder)
 
 
 def run_dir_with_truncated_manifest(folder: Path) -> None:
     run = folder / "run"
     run.mkdir()
     (run / "manifest.json").write_text('{"schema_version": 1, "stages": {"teacher": {"status": "do')
+
+
+def run_dir_with_list_manifest(folder: Path) -> None:
+    (folder / "run").mkdir()
+    (folder / "run" / "manifest.json").write_text("[]\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +310,26 @@ CASES = [
                 r"quantize\.calibration\.samples: at most 4096 with method 'entropy'"),
     config_case("imagefolder-without-root", {"data": {"dataset": "imagefolder"}}, r"^pipeline\.yaml: data\.root: required"),
     config_case("name-escapes-runs-folder", {"name": "../../elsewhere"}, r"^pipeline\.yaml: name: must be letters, digits"),
+    config_case("empty-file", text="", cause=r"^pipeline\.yaml: empty config \(no settings\); `edgekd init --force pipeline\.yaml`"),
+    config_case("comments-only", text="# todo: fill in\n", cause=r"^pipeline\.yaml: empty config"),
+    config_case("yaml-complex-key", text="name: tiny\n? [teacher, student]\n: cnn_small\n",
+                cause=r"^pipeline\.yaml:2:3: valid YAML but not a config: a mapping key must be a plain value, not a list$"),
+    config_case("yaml-alias-bomb", text=ALIAS_BOMB, within_s=20,
+                cause=r"^pipeline\.yaml:\d+:\d+: valid YAML but not a config: aliases expand to more than 100,000 values"),
+    config_case("yaml-recursive-alias", text="name: tiny\nteacher:\n  model_kwargs: &k {inner: *k}\n",
+                cause=r"^pipeline\.yaml:3:17: valid YAML but not a config: an alias refers to a node that contains it"),
+    config_case("yaml-nested-too-deep", text="name: tiny\nseed: " + "[" * 3000 + "]" * 3000 + "\n", within_s=30,
+                cause=r"^pipeline\.yaml: YAML nested too deeply to be a config$"),
+    config_case("seed-negative", {"seed": -1}, r"^pipeline\.yaml: seed: must be >= 0 \(got -1\)$"),
+    config_case("seed-overflowing", {"seed": 2**64}, r"^pipeline\.yaml: seed: must be <= 4294967295 \(got 18446744073709551616\)$"),
+    config_case("parity-batch-sizes-empty", {"export": {"parity_batch_sizes": []}},
+                r"^pipeline\.yaml: export\.parity_batch_sizes: must not be empty$"),
+    config_case("parity-batch-sizes-non-positive", {"export": {"parity_batch_sizes": [1, 0]}},
+                r"^pipeline\.yaml: export\.parity_batch_sizes: must be >= 1 \(got 0\)$"),
+    config_case("exclude-nodes-empty-name", {"quantize": {"exclude_nodes": ["/stage1/Conv", " "]}},
+                r"^pipeline\.yaml: quantize\.exclude_nodes: names must not be empty \(got ' '\)$"),
+    config_case("exclude-nodes-listed-twice", {"quantize": {"exclude_nodes": ["/head/Gemm", "/head/Gemm"]}},
+                r"^pipeline\.yaml: quantize\.exclude_nodes: '/head/Gemm' is listed twice$"),
     # -- command-line arguments -------------------------------------------------------------------
     config_case("cli-unknown-from-stage", args=("--from", "distil"), usage=True,
                 cause=r"^Error: Invalid value for '--from': 'distil' is not one of 'teacher', 'distill'"),
@@ -204,28 +340,70 @@ CASES = [
     tool_case("cli-config-is-a-folder", ["run", "."], r"^Error: Invalid value for 'CONFIG': File '\.' is a directory", usage=True),
     # -- data: fail when the teacher stage loads them ---------------------------------------------
     config_case("data-missing-root", imagefolder(), r"^pipeline\.yaml: data\.root: no such folder: .*/images$"),
-    stage_case("data-empty-folder", imagefolder(), r"/images: no class sub-folders \(expected root/<class>/<image>\)$",
-               extra=lambda folder: (folder / "images").mkdir()),
-    stage_case("data-one-class", imagefolder(), r"/images: needs at least 2 classes with images \(found \['cat'\]\)$",
-               extra=one_class),
+    config_case("data-empty-folder", imagefolder(),
+                r"^pipeline\.yaml: data\.root: .*/images: no class sub-folders \(expected root/<class>/<image>\)$",
+                extra=lambda folder: (folder / "images").mkdir()),
+    config_case("data-one-class", imagefolder(),
+                r"^pipeline\.yaml: data\.root: .*/images: needs at least 2 classes with images \(found \['cat'\]\)$",
+                extra=one_class),
+    config_case("data-class-folder-without-images", imagefolder(),
+                r"^pipeline\.yaml: data\.root: .*/images/empty: class folder without images \(add images or remove",
+                extra=empty_class),
     stage_case("data-corrupt-image", imagefolder(), r"/images/dog/broken\.png: unreadable image \((OSError|UnidentifiedImageError)",
                extra=corrupt_image),
     stage_case("data-wrong-channels", imagefolder(), r"/b_colour/0\.png: has 3 channels, expected 1 \(set data\.channels",
                extra=mixed_channels),
+    stage_case("data-decompression-bomb", imagefolder(), r"/images/dog/1\.png: refused: image too large, a decompression bomb\?",
+               extra=decompression_bomb),
     # -- models -------------------------------------------------------------------------------------
-    stage_case("model-unknown-name", {"teacher": {"model": "resnet_nope"}}, r"^teacher\.model: unknown model 'resnet_nope' \(available: cnn,"),
-    stage_case("model-factory-raises", {"teacher": {"model": "bad_factories:explode"}},
-               r"^teacher\.model: factory bad_factories:explode raised RuntimeError: boom: out of widgets$",
-               extra=factory_module, env={"PYTHONPATH": "."}),
-    stage_case("model-checkpoint-of-other-architecture", {"teacher": {"checkpoint": "tiny.pt"}},
-               r"/tiny\.pt: does not fit the architecture: '.+' has shape \(.+\), the model expects \(.+\)$",
-               extra=small_checkpoint("tiny.pt")),
+    config_case("model-unknown-name", {"teacher": {"model": "resnet_nope"}},
+                r"^pipeline\.yaml: teacher\.model: unknown model 'resnet_nope' \(available: cnn,"),
+    config_case("model-unknown-student", {"student": {"model": "cnn_nano"}},
+                r"^pipeline\.yaml: student\.model: unknown model 'cnn_nano' \(available: cnn,"),
+    config_case("model-unknown-torchvision-name", {"student": {"model": "torchvision:resnet_nope"}},
+                r"^pipeline\.yaml: student\.model: torchvision has no model 'resnet_nope'"),
+    config_case("model-kwargs-unknown", {"student": {"model_kwargs": {"widthz": [4, 8]}}},
+                r"^pipeline\.yaml: student\.model: cnn_tiny: .*unexpected keyword argument 'widthz'$"),
+    config_case("model-kwargs-bad-value", {"teacher": {"model_kwargs": {"blocks": 0}}},
+                r"^pipeline\.yaml: teacher\.model: cnn_small: blocks must be >= 1 \(got 0\)$"),
+    config_case("model-factory-raises", {"teacher": {"model": "bad_factories:explode"}},
+                r"^pipeline\.yaml: teacher\.model: factory bad_factories:explode raised RuntimeError: boom: out of widgets$",
+                extra=factory_module, env=LOCAL_IMPORTS),
+    config_case("model-factory-wrong-logits", {"student": {"model": "bad_factories:seven_logits"}},
+                r"^pipeline\.yaml: student\.model: bad_factories:seven_logits gives \(2, 7\) for inputs of shape "
+                r"\(2, 1, 16, 16\); expected logits \(2, 4\)", extra=factory_module, env=LOCAL_IMPORTS),
+    config_case("model-hint-unknown-teacher-layer", {"distill": {"hint": {"teacher_layer": "stage9", "student_layer": "stage2"}}},
+                r"^pipeline\.yaml: distill\.hint\.teacher_layer: no module 'stage9' in the teacher \(valid: stage1,"),
+    config_case("model-hint-unknown-student-layer", {"distill": {"hint": {"teacher_layer": "stage2", "student_layer": "stage2.9"}}},
+                r"^pipeline\.yaml: distill\.hint\.student_layer: no module 'stage2\.9' in the student"),
+    config_case("model-hint-typo-over-a-finished-run",
+                {"distill": {"hint": {"teacher_layer": "stage2", "student_layer": "stgae2"}}},
+                r"^pipeline\.yaml: distill\.hint\.student_layer: no module 'stgae2'", extra=finished_run),
+    config_case("model-prune-ignore-unknown", {"prune": {"ignore": ["stage7"]}},
+                r"^pipeline\.yaml: prune\.ignore: no module 'stage7' in the student"),
+    config_case("model-prune-ignore-empty-name", {"prune": {"ignore": [""]}},
+                r"^pipeline\.yaml: prune\.ignore: names must not be empty \(got ''\)$"),
+    config_case("model-checkpoint-of-other-architecture", {"teacher": {"checkpoint": "tiny.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: .*/tiny\.pt: does not fit the architecture: '.+' has shape "
+                r"\(.+\), the model expects \(.+\)$", extra=small_checkpoint("tiny.pt")),
+    config_case("model-checkpoint-text-file", {"teacher": {"checkpoint": "notes.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: .*/notes\.pt: not a PyTorch checkpoint \(expected a torch\.save file",
+                extra=foreign_checkpoints),
+    config_case("model-checkpoint-zip-of-notes", {"teacher": {"checkpoint": "archive.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: .*/archive\.pt: corrupt or truncated checkpoint",
+                extra=foreign_checkpoints),
+    config_case("model-checkpoint-plain-pickle", {"teacher": {"checkpoint": "plain.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: .*/plain\.pt: (corrupt or truncated checkpoint|refused to load)",
+                extra=foreign_checkpoints),
     config_case("model-checkpoint-missing", {"teacher": {"checkpoint": "nope.pt"}},
                 r"^pipeline\.yaml: teacher\.checkpoint: no such file: .*/nope\.pt$"),
-    stage_case("model-checkpoint-truncated", {"teacher": {"checkpoint": "cut.pt"}}, r"/cut\.pt: corrupt or truncated checkpoint",
-               extra=truncated_checkpoint),
-    stage_case("model-checkpoint-not-a-state-dict", {"teacher": {"checkpoint": "list.pt"}},
-               r"/list\.pt: not a state_dict \(expected a mapping of parameter names to tensors\)$", extra=list_pickle),
+    config_case("model-checkpoint-truncated", {"teacher": {"checkpoint": "cut.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: .*/cut\.pt: corrupt or truncated checkpoint", extra=truncated_checkpoint),
+    config_case("model-checkpoint-not-a-state-dict", {"teacher": {"checkpoint": "list.pt"}},
+                r"^pipeline\.yaml: teacher\.checkpoint: .*/list\.pt: not a state_dict \(expected a mapping of parameter "
+                r"names to tensors\)$", extra=list_pickle),
+    config_case("model-unknown-provider", {"benchmark": {"providers": ["warpdrive"]}},
+                r"^pipeline\.yaml: benchmark\.providers: execution provider 'warpdrive' is not available in this onnxruntime"),
     # -- ONNX files (edgekd bench) -------------------------------------------------------------------
     tool_case("onnx-not-onnx", ["bench", "notes.onnx", "--no-memory", "--no-mobile"], r"^notes\.onnx: not an ONNX model",
               onnx_files),
@@ -234,6 +412,10 @@ CASES = [
     tool_case("onnx-missing-file", ["bench", "gone.onnx", "--no-memory", "--no-mobile"], r"^gone\.onnx: not an ONNX model \(file not found\)$"),
     tool_case("onnx-unknown-provider", ["bench", "tiny.onnx", "--providers", "warpdrive", "--no-memory", "--no-mobile"],
               r"^execution provider 'warpdrive' is not available", onnx_files),
+    tool_case("onnx-model-without-inputs", ["bench", "constant.onnx", "--no-memory", "--no-mobile"],
+              r"^constant\.onnx: the model has no inputs; nothing to benchmark$", onnx_files),
+    tool_case("onnx-bench-json-under-a-file", ["bench", "tiny.onnx", "--json", "afile/out.json", "--no-memory", "--no-mobile"],
+              r"^--json: afile/out\.json: is under afile, which is a file, not a folder$", onnx_files),
     # -- report files (check / compare / report) ------------------------------------------------------
     tool_case("report-check-truncated", ["check", "truncated.json"], r"^truncated\.json: not valid JSON, truncated\?", report_files),
     tool_case("report-check-wrong-schema-version", ["check", "future.json"],
@@ -247,6 +429,41 @@ CASES = [
               run_dir_with_truncated_manifest),
     tool_case("report-render-not-a-run-dir", ["report", "empty"], r"^empty: no manifest\.json",
               lambda folder: (folder / "empty").mkdir()),
+    tool_case("report-render-manifest-not-an-object", ["report", "run"], r"^run/manifest\.json: not a JSON object",
+              run_dir_with_list_manifest),
+    tool_case("report-check-junit-under-a-file", ["check", "good.json", "--junit", "afile/j.xml"],
+              r"^--junit: afile/j\.xml: is under afile, which is a file, not a folder$", report_files),
+    tool_case("report-compare-json-under-a-file", ["compare", "good.json", "good.json", "--json", "afile/c.json"],
+              r"^--json: afile/c\.json: is under afile, which is a file", report_files),
+    tool_case("report-compare-junit-is-a-folder", ["compare", "good.json", "good.json", "--junit", "."],
+              r"^Error: Invalid value for '--junit': File '\.' is a directory", report_files, usage=True),
+    # -- output paths of `edgekd run`: refused before any work, nothing created ---------------------
+    config_case("output-dir-is-a-file", {"output_dir": "afile"}, r"^pipeline\.yaml: output_dir: .*/afile: is a file, not a folder$",
+                extra=a_file),
+    config_case("output-dir-under-a-file", args=("--output-dir", "afile/run"),
+                cause=r"^--output-dir: .*/afile/run: is under .*/afile, which is a file, not a folder$", extra=a_file),
+    config_case("output-dir-unwritable", {"output_dir": unwritable_dir()},
+                r"^pipeline\.yaml: output_dir: /(sys|proc)/edgekd-bad-input: cannot write there \("),
+    config_case("output-dir-name-too-long", {"output_dir": "runs/" + "n" * 300},
+                r"^pipeline\.yaml: output_dir: .*/n{300}: cannot write there \(File name too long\)$"),
+    config_case("output-dir-disk-full-at-start", cause=r"^pipeline\.yaml: output_dir: .*/runs/tiny: cannot write there \(File too large\)$",
+                extra=sitecustomize(SITE_DISK_FULL), env=LOCAL_IMPORTS),
+    tool_case("output-init-under-a-file", ["init", "afile/pipeline.yaml"],
+              r"^PATH: afile/pipeline\.yaml: is under afile, which is a file, not a folder$", a_file),
+    config_case("output-junit-under-a-file", args=("--junit", "afile/junit.xml"),
+                cause=r"^--junit: afile/junit\.xml: is under afile, which is a file, not a folder$", extra=a_file),
+    config_case("output-manifest-not-an-object", cause=r"^.*/runs/tiny/manifest\.json: not a JSON object; delete it",
+                extra=manifest_not_an_object),
+    # -- environment --------------------------------------------------------------------------------
+    config_case("env-world-size-without-torchrun", env={"RANK": "0", "WORLD_SIZE": "2"},
+                cause=r"^environment: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set: launch with torchrun"),
+    config_case("env-rank-without-world-size", env={"RANK": "1"},
+                cause=r"^environment: RANK=1 without WORLD_SIZE: launch with torchrun, or unset them"),
+    config_case("env-runtime-only-install", extra=sitecustomize(SITE_BLOCK_PIPELINE), env=LOCAL_IMPORTS,
+                cause=r'^edgekd run needs the pipeline extra \(torch, torchvision, onnx, torch_pruning, yaml not installed\): '
+                      r'pip install "edgekd\[pipeline\]"$'),
+    tool_case("env-runtime-only-models", ["models"], r'^edgekd models needs the pipeline extra \(torch not installed\)',
+              sitecustomize(SITE_BLOCK_PIPELINE), env=LOCAL_IMPORTS),
 ]
 
 
@@ -264,6 +481,7 @@ class Outcome:
     folder: Path
     before: dict[str, str]
     proc: Any = None
+    seconds: float = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +500,9 @@ def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         outcome = Outcome(folder, snapshot(folder))
 
         def job(case: Case = case, args: list[str] = args, outcome: Outcome = outcome) -> Outcome:
+            started = time.perf_counter()
             outcome.proc = run_edgekd(*args, cwd=outcome.folder, env=case.env, timeout=300)
+            outcome.seconds = time.perf_counter() - started
             return outcome
 
         results[case.id] = pool.submit(job)
@@ -301,6 +521,8 @@ def test_bad_input_exits_with_one_line_naming_the_cause_and_writes_nothing(case:
         lines = [line for line in lines if not CLICK_LINES.match(line)]
     assert len(lines) == 1, shown
     assert re.search(case.cause, lines[0]), f"{lines[0]!r} does not match {case.cause!r}\n{shown}"
+    if case.within_s is not None:
+        assert outcome.seconds < case.within_s, f"answered after {outcome.seconds:.1f} s"
 
     after = snapshot(outcome.folder)
     changed = sorted(name for name in outcome.before if after.get(name) != outcome.before[name])
@@ -313,8 +535,19 @@ def test_bad_input_exits_with_one_line_naming_the_cause_and_writes_nothing(case:
         assert manifest["stages"] == {}, "a failed stage must not be recorded"
 
 
-def test_bad_input_matrix_covers_every_category_with_at_least_30_cases() -> None:
-    assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
+def test_bad_input_matrix_covers_every_category_with_at_least_60_cases() -> None:
+    assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
     kinds = {case.id.split("-")[0] for case in CASES}
-    assert {"cli", "data", "model", "onnx", "report"} <= kinds
+    assert {"cli", "data", "model", "onnx", "report", "output", "env", "yaml"} <= kinds
     assert sum(1 for case in CASES if case.id.split("-")[0] not in {"cli", "data", "model", "onnx", "report"}) >= 10
+
+
+def test_run_writes_junit_with_an_error_case_when_a_stage_fails(tmp_path: Path) -> None:
+    """CI reads a failed run from --junit too: one <error> case naming the stage and the cause."""
+    write_config(tmp_path, imagefolder())
+    corrupt_image(tmp_path)
+    proc = run_edgekd("run", "pipeline.yaml", "--junit", "ci/junit.xml", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    xml = (tmp_path / "ci" / "junit.xml").read_text()
+    assert '<testcase name="stage teacher" classname="edgekd.run"' in xml, xml
+    assert 'errors="1"' in xml and "broken.png: unreadable image" in xml, xml

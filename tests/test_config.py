@@ -124,6 +124,9 @@ def test_load_config_resolves_relative_paths_against_the_config_folder_and_requi
         load_config(folder / "pipeline.yaml")
     (folder / "ckpt").mkdir()
     (folder / "ckpt" / "teacher.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^pipeline.yaml: teacher.checkpoint: .*ckpt/teacher.pt: empty file, not a PyTorch"):
+        load_config(folder / "pipeline.yaml")
+    (folder / "ckpt" / "teacher.pt").write_bytes(b"PK\x03\x04")  # what torch.save's zip files start with
     with pytest.raises(ConfigError, match=r"^pipeline.yaml: data.root: no such folder: .*project/images$"):
         load_config(folder / "pipeline.yaml")
     (folder / "images").mkdir()

@@ -8,12 +8,16 @@ calibration or model selection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from edgekd.data.config import DataConfig
 from edgekd.errors import InputError
+
+if TYPE_CHECKING:
+    from edgekd.data.sources import Loaded
 
 # Normalization is computed on the training split; a few datasets use the statistics everyone quotes.
 _KNOWN_STATS = {
@@ -92,11 +96,14 @@ def _split_indices(n: int, cfg: DataConfig, seed: int, with_test: bool = True) -
     return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
 
 
-def _check_classes(labels: np.ndarray, source: str) -> int:
+def _check_classes(labels: np.ndarray, loaded: Loaded) -> int:
+    """The model's output count: one per class name (labels.json lists exactly these), whatever data.limit keeps."""
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise InputError(f"{source}: needs at least 2 classes (found {len(classes)})")
-    return int(labels.max()) + 1
+        raise InputError(f"{loaded.source}: needs at least 2 classes (found {len(classes)})")
+    if int(labels.max()) >= len(loaded.class_names):
+        raise InputError(f"{loaded.source}: label {int(labels.max())} but only {len(loaded.class_names)} classes")
+    return len(loaded.class_names)
 
 
 def _stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -118,7 +125,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
 
     loaded = sources.load_source(cfg, seed)
     images, labels = _limit(loaded.images, loaded.labels, cfg.limit, seed)
-    num_classes = _check_classes(labels, loaded.source)
+    num_classes = _check_classes(labels, loaded)
     if loaded.separate_test is not None:
         test_images, test_labels = _limit(*loaded.separate_test, cfg.limit, seed)
         train_idx, val_idx, _ = _split_indices(len(labels), cfg, seed, with_test=False)
@@ -145,7 +152,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         width=int(width),
         mean=list(mean),
         std=list(std),
-        labels=loaded.class_names or [str(i) for i in range(num_classes)],
+        labels=list(loaded.class_names),
         natural_images=loaded.natural_images,
         split_sizes={"train": len(train), "val": len(val), "test": len(test)},
     )

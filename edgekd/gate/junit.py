@@ -56,3 +56,9 @@ def write_junit_for_report(report_path: Path, junit_path: Path) -> None:
     cases.append({"name": "deployed_artifact", "classname": "edgekd.budgets", "status": "passed",
                   "message": f"{deployed.get('artifact')}: {deployed.get('reason')}"})
     write_junit(junit_path, "edgekd.budgets", cases)
+
+
+def write_junit_for_failure(junit_path: Path, stage: str | None, message: str) -> None:
+    """A run that stopped on an error: one <error> case naming the stage (CI shows it like a failed test)."""
+    write_junit(junit_path, "edgekd.budgets", [{"name": f"stage {stage}" if stage else "run",
+                                                "classname": "edgekd.run", "status": "error", "message": message}])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the file is refused or loaded anyway
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is a paragraph; keep the first line after "WeightsUnpickler error:" (on the same
         # line or, as for a file that is not a checkpoint at all, on one of the next ones)
@@ -44,7 +47,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         reason = next((line.strip() for line in after.splitlines() if line.strip()), "") if found else ""
         reason = reason or "unsafe or unknown content"
         raise InputError(f"{path}: refused to load: not a plain weights file ({reason[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load fails on foreign bytes in many ways (KeyError: 101, ...)
         raise InputError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
     meta: dict[str, Any] = {}
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
@@ -61,6 +64,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Load a state_dict strictly; a mismatch names the first differing key and shapes."""
+    check_fits(model, state, source)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """InputError naming the first key or shape where `state` does not fit `model` (a meta-device model will do)."""
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
@@ -73,5 +83,3 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     extra = [k for k in state if k not in expected]
     if extra:
         raise InputError(f"{source}: does not fit the architecture: unexpected key '{extra[0]}'")
-    model.load_state_dict(state, strict=True)
-    return model

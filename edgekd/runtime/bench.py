@@ -70,8 +70,10 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
         raise RuntimeInputError(f"need thread counts >= 1 and at least one batch size; got {threads}, {batches}")
     notes: list[str] = []
     session = open_session(path, threads=threads[0], providers=providers)
-    data = load_eval_npz(data_npz) if data_npz is not None else None
     specs = input_spec(session)
+    if not specs:  # a constant graph: nothing to feed, nothing to time
+        raise RuntimeInputError(f"{path}: the model has no inputs; nothing to benchmark")
+    data = load_eval_npz(data_npz) if data_npz is not None else None
     if data is not None:  # a data/model mismatch is an error, not a batch to skip
         check_input(session, data.inputs[: specs[0].shape[0] or 1])
     inputs_by_batch = inputs_for_batches(session, batches, data, notes)

@@ -18,6 +18,39 @@ from typing import Any
 _STATE: dict[str, Any] = {"initialized": False}
 
 
+def check_environment() -> None:
+    """InputError unless RANK / WORLD_SIZE / LOCAL_RANK describe a torchrun launch (or are absent).
+
+    Left over in a shell (or set by another launcher), they would make a single process wait for peers that
+    never come, or believe it is not rank 0 and write nothing.
+    """
+    from edgekd.errors import InputError
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    values: dict[str, int] = {}
+    for name in names:
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise InputError(f"environment: {name}={text!r} is not an integer (set by torchrun; unset it)") from None
+    if not values:
+        return
+    if "WORLD_SIZE" not in values or "RANK" not in values:
+        given = ", ".join(f"{n}={os.environ[n]}" for n in names if n in values)
+        raise InputError(f"environment: {given} without {'WORLD_SIZE' if 'WORLD_SIZE' not in values else 'RANK'}: "
+                         "launch with torchrun, or unset them for a single process")
+    size, rank_ = values["WORLD_SIZE"], values["RANK"]
+    if size < 1 or not 0 <= rank_ < size:
+        raise InputError(f"environment: RANK={rank_} with WORLD_SIZE={size} (needs 0 <= RANK < WORLD_SIZE)")
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if size > 1 and not os.environ.get(n)]
+    if missing:
+        raise InputError(f"environment: WORLD_SIZE={size} but {' and '.join(missing)} not set: launch with torchrun "
+                         "(it sets them), or unset RANK and WORLD_SIZE for a single process")
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
-from edgekd.validation import Section
+from edgekd.validation import Section, distinct_names, positive_ints
 
 
 class BenchmarkConfig(Section):
@@ -28,15 +28,8 @@ class BenchmarkConfig(Section):
     providers: list[str] = ["CPUExecutionProvider"]
     """ONNX Runtime execution providers."""
 
-    @field_validator("threads", "batch_sizes")
-    @classmethod
-    def _positive_list(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("must not be empty")
-        bad = [v for v in value if v < 1]
-        if bad:
-            raise ValueError(f"must be >= 1 (got {bad[0]})")
-        return value
+    _sizes = field_validator("threads", "batch_sizes")(positive_ints)
+    _names = field_validator("providers")(distinct_names)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edgekd.stages.distill.config import BASELINE_MODEL, STUDENT_MODEL
 from edgekd.stages.prune.config import MODEL as PRUNED_MODEL
 from edgekd.stages.teacher.config import MODEL as TEACHER_MODEL
-from edgekd.validation import Section
+from edgekd.validation import Section, positive_ints
 
 EVAL_ARTIFACT = "eval.npz"
 VAL_ARTIFACT = "val.npz"
@@ -32,3 +32,5 @@ class ExportConfig(Section):
     """Batch sizes checked for parity (not only the traced one)."""
     ort_format: bool = True
     """Also write an ONNX Runtime Mobile `.ort` copy of the deployable model."""
+
+    _sizes = field_validator("parity_batch_sizes")(positive_ints)

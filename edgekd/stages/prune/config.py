@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgekd.train.config import KDConfig, TrainConfig
-from edgekd.validation import Section
+from edgekd.validation import Section, distinct_names
 
 MODEL = "pruned"
 ARTIFACT = f"{MODEL}.pt"
@@ -37,6 +37,8 @@ class PruneConfig(Section):
     """Batches of training data used to estimate Taylor importance."""
     finetune: TrainConfig = TrainConfig(epochs=3, lr=1e-3)
     """Recovery fine-tuning with KD from the teacher (temperature/alpha from `distill`, or its defaults when distill is off)."""
+
+    _names = field_validator("ignore")(distinct_names)
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:

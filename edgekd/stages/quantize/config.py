@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from edgekd.validation import Section
+from edgekd.validation import Section, distinct_names
 
 ARTIFACT = "model.int8.onnx"
 # The artifact's name in the benchmark and report, per quantize.mode.
@@ -59,6 +59,10 @@ class QuantizeConfig(Section):
     """When int8 is not faster than fp32, also try the other sensible settings and keep the best."""
     source: Literal["auto", "pruned", "student", "teacher"] = "auto"
     """Model quantized; auto = the last model of the chain (pruned, else student, else teacher)."""
+
+    # Node names depend on the exporter, so they are matched against the graph in the quantize stage (before
+    # anything is quantized); here only what no graph can contain.
+    _names = field_validator("exclude_nodes", "exclude_op_types")(distinct_names)
 
 
 @dataclass(frozen=True)
