@@ -142,6 +142,11 @@ class FitResult:
     """Eval-mode vs batch-statistics accuracy of the selected weights on the validation split (see check_modes)."""
 
 
+def standard_error(accuracy_value: float, samples: int) -> float:
+    """Binomial standard error of an accuracy measured on `samples` images."""
+    return math.sqrt(max(accuracy_value * (1 - accuracy_value), 0.0) / max(samples, 1))
+
+
 def recalibrate(model: nn.Module, data: DataBundle, batches: int, batch_size: int, device: torch.device,
                 seed: int) -> dict[str, Any]:
     """BatchNorm statistics re-estimated over `batches` un-augmented training batches (a seeded sample; under
@@ -215,7 +220,9 @@ def fit(
     log: Callable[[str], None] = print,
     config_key: str = "",
 ) -> FitResult:
-    """Train `model` in place; at the end it holds the weights of the epoch with the best validation accuracy.
+    """Train `model` in place; at the end it holds the weights of the latest epoch whose validation accuracy is
+    within one standard error of the best (the one-standard-error rule: an earlier epoch must be better by
+    more than the validation split can resolve to be preferred over a more trained one).
 
     After each epoch the BatchNorm statistics are re-estimated (`cfg.bn_recalibration_batches`) before
     validation, so the epoch chosen is chosen on what the exported model will do; at the end, `mode_check`
@@ -247,6 +254,7 @@ def fit(
     augment_generator = torch.Generator().manual_seed(seed + 7)
     result = FitResult()
     best_state = copy.deepcopy(model.state_dict())
+    best_seen = 0.0
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         trained.train()
@@ -295,7 +303,8 @@ def fit(
             row["val_agreement"] = round(agreement(val_logits, reference_val_logits), 6)
         row["time_s"] = round(time.perf_counter() - epoch_started, 3)
         result.history.append(row)
-        if row["val_accuracy"] > result.best_val_accuracy or epoch == 1:
+        best_seen = max(best_seen, row["val_accuracy"])
+        if epoch == 1 or row["val_accuracy"] >= best_seen - standard_error(best_seen, len(data.val)):
             result.best_val_accuracy = row["val_accuracy"]
             result.best_epoch = epoch
             best_state = copy.deepcopy(model.state_dict())
