@@ -72,7 +72,9 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
         return {"path": f"{name}.onnx", "params": count_parameters(model), "macs": 50_000}
 
     return {"schema_version": 1, "stages": {
-        "teacher": {"status": "done", "metrics": {"data": {"num_classes": NUM_CLASSES, "input_shape": [1, SIZE, SIZE]}}},
+        "teacher": {"status": "done", "artifacts": {"teacher.pt": "-"},
+                    "metrics": {"data": {"num_classes": NUM_CLASSES, "input_shape": [1, SIZE, SIZE]}}},
+        "distill": {"status": "done", "artifacts": {"student.pt": "-"}, "metrics": {}},
         "export": {"status": "done", "artifacts": {"teacher.onnx": "-", "student.onnx": "-", "eval.npz": "-"},
                    "metrics": {"models": {"teacher": info("teacher", "cnn_small"), "student": info("student", "cnn_tiny")}}},
         "quantize": {"status": "done", "artifacts": {"model.int8.onnx": "-"},
