@@ -44,10 +44,43 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """-v / -q, on the group (`edgekd -q run ...`) or on `run` itself: logs go to stderr at that level."""
+    if value:
+        from edgekd.console import configure_console_logging
+
+        root = ctx.find_root()
+        root.meta["edgekd.verbosity"] = verbosity = root.meta.get("edgekd.verbosity", 0) + (
+            value if param.name == "verbose" else -value)
+        configure_console_logging(verbosity, _main_rank())
+    return value
+
+
+def _main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks at INFO
+
+
+def _verbosity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("-q", "--quiet", count=True, expose_value=False, callback=_set_verbosity,
+                           help="Less output: warnings and errors only.")(command)
+    return click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity,
+                        help="More output: debug messages too.")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgekd")
+@_verbosity_options
 def main() -> None:
-    """edgekd: teacher -> distilled student -> pruned -> int8 ONNX, benchmarked and budget-checked."""
+    """edgekd: teacher -> distilled student -> pruned -> int8 ONNX, benchmarked and budget-checked.
+
+    Logs go to stderr (-v more, -q less); results (tables, verdicts) to stdout.
+    """
+    from edgekd.console import configure_console_logging
+
+    ctx = click.get_current_context()
+    configure_console_logging(ctx.meta.get("edgekd.verbosity", 0), _main_rank())
 
 
 @main.command()
@@ -58,18 +91,24 @@ def main() -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: output_dir from the config).")
 @click.option("--device", help="Override the config's device: auto, cpu, cuda, cuda:N.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write the budget verdicts as JUnit XML.")
+@click.option("--set", "set_items", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a config key (repeatable), e.g. --set distill.epochs=2; validated like the file and "
+                   "recorded in the run's config.yaml.")
+@_verbosity_options
 @reports_errors
 def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...], output_dir: Path | None,
-        device: str | None, junit: Path | None) -> None:
+        device: str | None, junit: Path | None, set_items: tuple[str, ...]) -> None:
     """Run the pipeline in CONFIG (a pipeline.yaml); stages that are up to date are skipped.
 
     Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
     """
-    from edgekd.config import load_config
+    from edgekd.config import load_config, parse_set_options
     from edgekd.runner.launch import launch
 
-    overrides = {"device": device} if device is not None else None
-    cfg = load_config(config, overrides)  # --device goes through the same validation as the config field
+    overrides = parse_set_options(set_items)
+    if device is not None:
+        overrides["device"] = device
+    cfg = load_config(config, overrides)  # --set and --device go through the same validation as the file
     outcome = launch(cfg, only=list(only), from_stage=from_stage, force=list(force), output_dir=output_dir, device=device)
     if outcome is None:  # a non-zero rank under torchrun: rank 0 reports
         return

@@ -117,32 +117,26 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> None:
 
 @contextlib.contextmanager
 def _log_to(run_dir: Path) -> Iterator[None]:
+    """The run's record: a file handler on the `edgekd` logger for the duration of the run (the only handler
+    the library attaches; console output is the application's, e.g. the CLI's). log.txt holds INFO and up,
+    so while it is attached an unset `edgekd` level is INFO (restored afterwards); a level you set is kept."""
     handler = logging.FileHandler(run_dir / LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = log.level
+    if level == logging.NOTSET:
+        log.setLevel(min(logging.INFO, log.getEffectiveLevel()))
     log.addHandler(handler)
     try:
         yield
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
         handler.close()
 
 
 def _append_log(run_dir: Path, text: str) -> None:
     with open(run_dir / LOG, "a", encoding="utf-8") as handle:
         handle.write(text)
-
-
-def setup_console_logging(verbose: bool = False, quiet: bool = False) -> None:
-    import sys
-
-    if any(getattr(h, "_edgekd_console", False) for h in log.handlers):
-        return
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    console._edgekd_console = True  # type: ignore[attr-defined]
-    log.addHandler(console)
-    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +182,6 @@ def run_pipeline(
     selected, forced = _select(list(only or []), from_stage, list(force or []))
     run_dir = cfg.run_dir
     main = distributed.is_main()
-    setup_console_logging(quiet=not main)
     with (run_lock(run_dir) if main else contextlib.nullcontext()), (_log_to(run_dir) if main else contextlib.nullcontext()):
         manifest = Manifest()
         if main:
