@@ -128,16 +128,39 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @reports_errors
 def init(path: Path, force: bool) -> None:
-    """Write a commented starter pipeline.yaml (bundled MNIST sample; runs as is, offline)."""
+    """Write a commented starter pipeline.yaml (bundled MNIST sample; runs as is, offline), and beside it
+    pipeline.schema.json, which its `# yaml-language-server: $schema=` comment points editors to."""
     from importlib.resources import files
 
     from edgekd import atomic
     from edgekd.errors import InputError
+    from edgekd.schema import FILES, render
 
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (use --force to overwrite)")
     atomic.write_text(path, files("edgekd").joinpath("templates/pipeline.yaml").read_text(encoding="utf-8"))
-    click.echo(f"wrote {path}; run it with: edgekd run {path}")
+    schema = path.parent / FILES["config"]
+    atomic.write_text(schema, render("config"))  # the one this edgekd validates with: refreshed on every init
+    click.echo(f"wrote {path} (and {schema} for editors); run it with: edgekd run {path}")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["config", "report", "device", "arm-check", "bench"]))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file instead of stdout.")
+@reports_errors
+def schema(name: str, output: Path | None) -> None:
+    """Print the JSON Schema of pipeline.yaml (config), report.json, device.json, arm_check.json or
+    `edgekd bench --json` output: the contract other tools can rely on."""
+    from edgekd.schema import render
+
+    text = render(name)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from edgekd import atomic
+
+    atomic.write_text(output, text)
+    click.echo(f"wrote {output}", err=True)
 
 
 @main.command()
