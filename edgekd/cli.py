@@ -67,10 +67,43 @@ def _require_pipeline(command: str) -> None:
                          f'pip install "edgekd[pipeline]"')
 
 
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """-v / -q, on the group (`edgekd -q run ...`) or on `run` itself: logs go to stderr at that level."""
+    if value:
+        from edgekd.console import configure_console_logging
+
+        root = ctx.find_root()
+        root.meta["edgekd.verbosity"] = verbosity = root.meta.get("edgekd.verbosity", 0) + (
+            value if param.name == "verbose" else -value)
+        configure_console_logging(verbosity, _main_rank())
+    return value
+
+
+def _main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks at INFO
+
+
+def _verbosity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("-q", "--quiet", count=True, expose_value=False, callback=_set_verbosity,
+                           help="Less output: warnings and errors only.")(command)
+    return click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity,
+                        help="More output: debug messages too.")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgekd")
+@_verbosity_options
 def main() -> None:
-    """edgekd: teacher -> distilled student -> pruned -> int8 ONNX, benchmarked and budget-checked."""
+    """edgekd: teacher -> distilled student -> pruned -> int8 ONNX, benchmarked and budget-checked.
+
+    Logs go to stderr (-v more, -q less); results (tables, verdicts) to stdout.
+    """
+    from edgekd.console import configure_console_logging
+
+    ctx = click.get_current_context()
+    configure_console_logging(ctx.meta.get("edgekd.verbosity", 0), _main_rank())
 
 
 @main.command()
@@ -82,9 +115,13 @@ def main() -> None:
 @click.option("--device", help="Override the config's device: auto, cpu, cuda, cuda:N.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the budget verdicts as JUnit XML (one error case when a stage fails).")
+@click.option("--set", "set_items", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a config key (repeatable), e.g. --set distill.epochs=2; validated like the file and "
+                   "recorded in the run's resolved-config.yaml.")
+@_verbosity_options
 @reports_errors
 def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...], output_dir: Path | None,
-        device: str | None, junit: Path | None) -> None:
+        device: str | None, junit: Path | None, set_items: tuple[str, ...]) -> None:
     """Run the pipeline in CONFIG (a pipeline.yaml); stages that are up to date are skipped.
 
     Exits 0 when every budget is met, 1 when a budget is breached, 2 on bad input, 3 when a stage fails.
@@ -92,15 +129,17 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
     checked before anything is written.
     """
     _require_pipeline("run")
-    from edgekd.config import load_config
+    from edgekd.config import load_config, parse_set_options
     from edgekd.paths import check_output_file
     from edgekd.runner.launch import launch
     from edgekd.runner.preflight import check_run
     from edgekd.train import distributed
 
     distributed.check_environment()
-    overrides = {"device": device} if device is not None else None
-    cfg = load_config(config, overrides)  # --device goes through the same validation as the config field
+    overrides = parse_set_options(set_items)
+    if device is not None:
+        overrides["device"] = device
+    cfg = load_config(config, overrides)  # --set and --device go through the same validation as the file
     if junit is not None:
         check_output_file(junit, "--junit")
     if output_dir is not None:
@@ -136,18 +175,41 @@ def run(config: Path, from_stage: str | None, force: tuple[str, ...], only: tupl
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @reports_errors
 def init(path: Path, force: bool) -> None:
-    """Write a commented starter pipeline.yaml (bundled MNIST sample; runs as is, offline)."""
+    """Write a commented starter pipeline.yaml (bundled MNIST sample; runs as is, offline), and beside it
+    pipeline.schema.json, which its `# yaml-language-server: $schema=` comment points editors to."""
     from importlib.resources import files
 
     from edgekd import atomic
     from edgekd.errors import InputError
     from edgekd.paths import check_output_file
+    from edgekd.schema import FILES, render
 
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (use --force to overwrite)")
     check_output_file(path, "PATH")
     atomic.write_text(path, files("edgekd").joinpath("templates/pipeline.yaml").read_text(encoding="utf-8"))
-    click.echo(f"wrote {path}; run it with: edgekd run {path}")
+    schema = path.parent / FILES["config"]
+    atomic.write_text(schema, render("config"))  # the one this edgekd validates with: refreshed on every init
+    click.echo(f"wrote {path} (and {schema} for editors); run it with: edgekd run {path}")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["config", "report", "device", "arm-check", "bench"]))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file instead of stdout.")
+@reports_errors
+def schema(name: str, output: Path | None) -> None:
+    """Print the JSON Schema of pipeline.yaml (config), report.json, device.json, arm_check.json or
+    `edgekd bench --json` output: the contract other tools can rely on."""
+    from edgekd.schema import render
+
+    text = render(name)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from edgekd import atomic
+
+    atomic.write_text(output, text)
+    click.echo(f"wrote {output}", err=True)
 
 
 @main.command()

@@ -187,12 +187,67 @@ def _check_paths_exist(cfg: PipelineConfig, source: str) -> None:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read and validate pipeline.yaml. Raises ConfigError with `file: key: problem` lines."""
+    """Read and validate pipeline.yaml. Raises ConfigError with `file: key: problem` lines.
+
+    `overrides` maps dotted key paths (`distill.epochs`) or top-level keys to values; they are applied to
+    the file's mapping before validation (see `apply_overrides`), so they are checked like the file.
+    """
     path = Path(path)
     raw = load_yaml_file(path)
     if raw is None or raw == {}:  # an empty file would otherwise run the whole default pipeline
         raise ConfigError(f"{path.name}: empty config (no settings); `edgekd init --force {path}` writes a "
                           "commented starter that runs as is")
     if overrides and isinstance(raw, dict):
-        raw = {**raw, **overrides}
+        raw = apply_overrides(raw, overrides)
     return validate_config(raw, source=path.name, base_dir=path.parent)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with each `dotted.key.path: value` set; a mapping value is merged into the section
+    it names (`{"distill": {"epochs": 2}}` keeps distill's other keys), `None` switches a section off.
+    Setting a key inside a section that is null (switched off) switches it on with that key."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        parts = [p for p in str(dotted).split(".")]
+        if not all(parts):
+            raise ConfigError(f"override {dotted!r}: not a key path like distill.epochs")
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                if child is not None and part in node:
+                    where = ".".join(parts[: i + 1])
+                    raise ConfigError(f"override {dotted}: {where} is not a section (it is {child!r})")
+                child = node[part] = {}
+            node = child
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = _deep_merge(node[last], value)
+        else:
+            node[last] = copy.deepcopy(value)
+    return result
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = (_deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged
+
+
+def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--set key.path=value` items as overrides; each value is read as YAML with the file's rules
+    (`1e-3` a number, only true/false booleans, `[1, 2]` a list, `null` switches a section off)."""
+    from edgekd.yamlio import load_yaml_text
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set distill.epochs=2")
+        overrides[key] = load_yaml_text(text, f"--set {key}") if text.strip() else ""
+    return overrides

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,16 @@ TINY_CONFIG: dict[str, Any] = {
     "quantize": {"calibration": {"samples": 64}, "search": False},
     "benchmark": {"threads": [1], "batch_sizes": [1], "warmup": 2, "iterations": 10, "memory": False, "torch_reference": False},
 }
+
+
+# What `edgekd run` logs on stderr before a stage fails: progress, not the error. A test of "one line names the
+# failure" drops these first (the CLI logs to stderr; the error is the line that remains, always the last).
+PROGRESS_LINE = re.compile(r"^(edgekd \S+: run directory |\[[a-z]+\] |  +\S)")  # "  data: ..." details too
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The non-empty stderr lines that are not `edgekd run` progress logs."""
+    return [line for line in stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
 
 
 def deep_merge(base: dict, override: dict) -> dict:

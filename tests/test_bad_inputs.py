@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, run_edgekd, write_config
+from conftest import TINY_CONFIG, error_lines, run_edgekd, write_config
 
 RUN_DIR = Path("runs") / TINY_CONFIG["name"]
 # What the runner itself may leave in a run directory when a stage fails (never a stage's artifact).
@@ -516,7 +516,7 @@ def test_bad_input_exits_with_one_line_naming_the_cause_and_writes_nothing(case:
     shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == case.code, shown
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, shown
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = error_lines(proc.stderr)  # progress logs before a stage fails are not the error
     if case.usage:  # click's own usage error: "Usage: ...", "Try '... -h' for help.", then the one Error line
         lines = [line for line in lines if not CLICK_LINES.match(line)]
     assert len(lines) == 1, shown

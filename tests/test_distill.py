@@ -91,10 +91,7 @@ def test_build_hint_lists_valid_modules_when_layer_unknown(role: str) -> None:
     assert "head" in str(info.value) and info.value.exit_code == 2
 
 
-def test_check_sizes_warns_when_student_is_larger_than_teacher(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(pipeline.log, "propagate", True)  # console logging turns propagation off
+def test_check_sizes_warns_when_student_is_larger_than_teacher(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="edgekd"):
         assert distill.check_sizes(student_params=2000, teacher_params=1000) is False
         assert distill.check_sizes(student_params=500, teacher_params=1000) is True

@@ -85,6 +85,16 @@ def test_export_onnx_pruned_model_keeps_parity(tmp_path: Path) -> None:
     assert params == after and macs is not None and macs > 0
 
 
+def test_export_dynamo_without_onnxscript_names_the_extra_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(InputError, match=r"export.dynamo: true needs onnxscript.*pip install 'edgekd\[dynamo\]'"):
+        export_onnx(_tiny_cnn(), torch.from_numpy(_inputs(1)), tmp_path / "d.onnx", opset=17, dynamo=True)
+    assert not (tmp_path / "d.onnx").exists()
+
+
 def test_export_onnx_dynamo_records_raised_opset_and_writes_one_file(tmp_path: Path) -> None:
     model = _tiny_cnn()
     result = export_onnx(model, torch.from_numpy(_inputs(1)), tmp_path / "d.onnx", opset=17, dynamo=True)

@@ -47,7 +47,7 @@ def test_rerun_after_kill_skips_teacher_by_fingerprint_and_redoes_distill(scenar
     states = _states(second.log)
     assert states["teacher"] == ["up to date"], second.log
     assert states["distill"] == ["running", "done"]
-    assert f"taking over a stale lock left by pid {first.proc.pid}" in second.proc.stdout
+    assert f"taking over a stale lock left by pid {first.proc.pid}" in second.proc.stderr
     assert second.manifest["stages"]["teacher"] == first.manifest["stages"]["teacher"]  # untouched, not retrained
 
 
@@ -106,14 +106,15 @@ def test_second_run_on_a_busy_run_directory_exits_2_and_touches_nothing(scenario
     assert len(lines) == 1 and "Traceback" not in contender.stderr
     assert re.fullmatch(rf".*/runs/tiny: in use by another edgekd run \(pid {holder.pid}\); wait for it to finish "
                         rf"\(if no edgekd run is using it, remove .*/runs/tiny/\.edgekd\.lock\)", lines[0]), lines[0]
-    assert contender.stdout == ""  # refused before it logged, wrote config.yaml or read the manifest
+    assert contender.stdout == ""  # refused before it logged (logs go to stderr: the one line above is all), wrote
+    # config.yaml or read the manifest
 
 
 def test_lock_of_a_killed_run_is_left_behind_then_taken_over(scenario: Scenario) -> None:
     first, second = scenario.killed_in_distill, scenario.killed_in_quantize
     assert first.lock is not None and first.lock["pid"] == first.proc.pid
     assert second.lock is not None and second.lock["pid"] == second.proc.pid
-    assert f"taking over a stale lock left by pid {second.proc.pid}" in scenario.final.proc.stdout
+    assert f"taking over a stale lock left by pid {second.proc.pid}" in scenario.final.proc.stderr
     assert not (scenario.run_dir / LOCK).exists()  # released at the end of the run
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import deep_merge, run_edgekd, write_config
+from conftest import deep_merge, error_lines, run_edgekd, write_config
 from reliability_runs import (
     CORES,
     RESUME_OVERRIDE,
@@ -112,7 +112,7 @@ def _manifest(folder: Path) -> dict:
 
 
 def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = error_lines(err)  # progress logs (stderr) before the failure are not the error
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -278,7 +278,7 @@ def test_force_never_deletes_outside_the_run_directory_even_with_a_tampered_mani
 def test_force_distill_replaces_student_and_keeps_unrelated_files(runs: Runs) -> None:
     run, before = runs.forced, runs.forced_before
     assert run.code == 0, run.out + run.err
-    assert "[teacher] up to date" in run.out and "[distill] running" in run.out
+    assert "[teacher] up to date" in run.err and "[distill] running" in run.err  # logs go to stderr
     run_dir = run.run_dir
     assert (run_dir / "notes.txt").read_text() == "my notes" and (run_dir / "my_model.pt").read_bytes() == b"not edgekd's"
     assert (run_dir / "student.pt").stat().st_ino != before["student.pt"].st_ino  # a new file took its place
@@ -298,7 +298,7 @@ def test_diverging_distillation_fails_with_exit_3_naming_epoch_and_step_and_keep
     assert run.code == 3, run.out + run.err
     line = _one_line(run.err)
     assert re.fullmatch(r"distill: loss became (nan|inf|-inf) at epoch 1, step \d+ \(lower the learning rate\?\)", line), line
-    assert "[teacher] up to date" in run.out
+    assert "[teacher] up to date" in run.err
     assert atomic.sha256_file(run.run_dir / "teacher.pt") == runs.diverged_before["teacher_sha"]
     stages = _manifest(run.folder)["stages"]
     assert stages["teacher"] == runs.diverged_before["teacher_entry"] and "distill" not in stages

@@ -52,20 +52,36 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def accuracy_vs_latency(report: dict[str, Any]) -> bytes:
+    figure, _ = accuracy_vs_latency_figure(report)
+    return _png(figure)
+
+
+# Where a point's name may go, in points from the point (dx, dy, horizontal alignment), nearest first; the
+# farther rings get a thin leader line back to the point.
+_LABEL_OFFSETS = [(6, 5, "left"), (6, -12, "left"), (-6, 5, "right"), (-6, -12, "right"), (0, 9, "center"),
+                  (0, -17, "center")]
+_LABEL_RINGS = (1, 2, 3, 4.5)
+
+
+def accuracy_vs_latency_figure(report: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The accuracy-vs-latency figure and its point labels (matplotlib Annotations, placed so none overlaps
+    another label or a point, inside the axes). Latency is on a log axis when it spans more than 4x, so small
+    models do not pile up at the left edge next to a slow teacher."""
     threads, batch = _setting(report)
-    figure = _figure()
+    figure = _figure(7.4, 4.2)
     axes = figure.add_subplot()
-    points = []
+    points: list[tuple[float, float]] = []
+    named: list[tuple[str, float, float]] = []
     for row in report["artifacts"]:
         entry = latency_at(row, threads, batch)
         if not entry or not isinstance(row.get("accuracy"), (int, float)):
             continue
         x, y = entry["p50"], row["accuracy"]
         points.append((x, y))
+        named.append((row["name"], x, y))
         teacher = row["name"] == MODEL_ORDER[0]
         axes.scatter([x], [y], s=160 if teacher else 60, marker="*" if teacher else "o", color=_color(row["name"]),
                      zorder=3, label=row["name"] + (" (reference)" if teacher else ""))
-        axes.annotate(row["name"], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
     deployed = find_row(report, (report.get("deployed") or {}).get("artifact", ""))
     entry = latency_at(deployed, threads, batch)
     if entry and isinstance(deployed.get("accuracy"), (int, float)):
@@ -80,16 +96,75 @@ def accuracy_vs_latency(report: dict[str, Any]) -> bytes:
         axes.axvline(settings["latency_p50_ms"], color="#ff7f0e", linestyle=":", label="p50 budget")
     if settings.get("min_accuracy") is not None:
         axes.axhline(settings["min_accuracy"], color="#ff7f0e", linestyle="-.", label="min accuracy")
-    axes.margins(x=0.15, y=0.12)  # room for the point labels
-    axes.set_xlabel(f"p50 latency (ms), {threads} thread(s), batch {batch}")
+    log_scale = len(points) > 1 and min(p[0] for p in points) > 0 and max(p[0] for p in points) > 4 * min(p[0] for p in points)
+    if log_scale:
+        from matplotlib.ticker import FuncFormatter
+
+        axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    axes.margins(x=0.18, y=0.15)  # room for the point labels
+    axes.set_xlabel(f"p50 latency (ms, {'log scale' if log_scale else 'linear'}), {threads} thread(s), batch {batch}")
     axes.set_ylabel("test accuracy")
     axes.set_title("Accuracy vs latency (up and left is better)")
-    axes.grid(True, alpha=0.3)
-    if points:
-        axes.legend(fontsize=7, loc="best")
+    axes.grid(True, which="both" if log_scale else "major", alpha=0.3)
+    labels: list[Any] = []
+    if points:  # the legend sits outside the axes: it never hides a point or a label
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        labels = _place_labels(figure, axes, named)
     else:
         axes.text(0.5, 0.5, "no latency measured at this setting", ha="center", transform=axes.transAxes)
-    return _png(figure)
+    return figure, labels
+
+
+def _place_labels(figure: Any, axes: Any, named: list[tuple[str, float, float]]) -> list[Any]:
+    """Annotate each point with its name at the first candidate offset whose text box overlaps no label
+    placed before, no point and stays inside the axes (the least-overlapping candidate when none is free)."""
+    from matplotlib.transforms import Bbox
+
+    figure.canvas.draw()  # final layout and limits: display coordinates are now what the PNG shows
+    renderer = figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    scale = figure.dpi / 72.0
+    markers = [Bbox.from_bounds(px - 5 * scale, py - 5 * scale, 10 * scale, 10 * scale)
+               for px, py in (axes.transData.transform((x, y)) for _, x, y in named)]
+    placed: list[Any] = []
+    boxes: list[Any] = []
+
+    def overlap(a: Any, b: Any) -> float:
+        width = min(a.x1, b.x1) - max(a.x0, b.x0)
+        height = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return width * height if width > 0 and height > 0 else 0.0
+
+    for index, (name, x, y) in sorted(enumerate(named), key=lambda item: (item[1][1], -item[1][2])):
+        best = None
+        for ring in _LABEL_RINGS:
+            for dx, dy, align in _LABEL_OFFSETS:
+                offset = (dx * ring, dy + (ring - 1) * (8 if dy > 0 else -8))
+                label = axes.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=8,
+                                      ha=align, zorder=5, annotation_clip=False,
+                                      arrowprops={"arrowstyle": "-", "color": "#59636e", "linewidth": 0.6,
+                                                  "shrinkA": 0, "shrinkB": 4} if ring > 1 else None)
+                label.set_in_layout(False)
+                box = label.get_window_extent(renderer).padded(1.5 * scale)
+                outside = 0.0 if frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) else 1e9
+                cost = outside + sum(overlap(box, other) for other in boxes) + sum(
+                    overlap(box, marker) for i, marker in enumerate(markers) if i != index)
+                if best is None or cost < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (cost, label, box)
+                else:
+                    label.remove()
+                if best[0] == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        assert best is not None
+        placed.append(best[1])
+        boxes.append(best[2])
+    return placed
 
 
 def size(report: dict[str, Any]) -> bytes:

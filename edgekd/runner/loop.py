@@ -108,13 +108,20 @@ class _LogFileHandler(logging.StreamHandler):
 
 @contextlib.contextmanager
 def _log_to(files: RunFiles) -> Iterator[None]:
+    """The run's record: a file handler on the `edgekd` logger for the duration of the run (the only handler
+    the library attaches; console output is the application's, e.g. the CLI's). log.txt holds INFO and up,
+    so while it is attached an unset `edgekd` level is INFO (restored afterwards); a level you set is kept."""
     handler = _LogFileHandler(files.open_log())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = log.level
+    if level == logging.NOTSET:
+        log.setLevel(min(logging.INFO, log.getEffectiveLevel()))
     log.addHandler(handler)
     try:
         yield
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
         with contextlib.suppress(OSError):
             handler.close()
             handler.stream.close()
@@ -124,19 +131,6 @@ def _append_log(files: RunFiles, text: str) -> None:
     """Best effort: a failure being reported must not be replaced by a failure to log it (a full disk)."""
     with contextlib.suppress(OSError), files.open_log() as handle:
         handle.write(text)
-
-
-def setup_console_logging(verbose: bool = False, quiet: bool = False) -> None:
-    import sys
-
-    if any(getattr(h, "_edgekd_console", False) for h in log.handlers):
-        return
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    console._edgekd_console = True  # type: ignore[attr-defined]
-    log.addHandler(console)
-    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +200,6 @@ def run_pipeline(
 def _run(cfg: PipelineConfig, selected: list[str], forced: set[str], device: str | None) -> RunOutcome:
     run_dir = cfg.run_dir
     main = distributed.is_main()
-    setup_console_logging(quiet=not main)
     with run_lock(run_dir) if main else contextlib.nullcontext():
         files: RunFiles | None = None
         failure: Exception | None = None

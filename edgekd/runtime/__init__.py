@@ -19,4 +19,25 @@ demand; this file imports nothing so `import edgekd.runtime.session` stays cheap
 
 Every module uses relative imports only: the pipeline copies this folder into deploy bundles as
 `edgekd_runtime/`.
+
+The notebook-facing API is re-exported here, loaded on first use (`edgekd.runtime.bench_model(...)`):
+
+  bench_model(model, data_npz=None, threads=(1,), batches=(1,), ...)   what `edgekd bench --json` writes
+  evaluate_model(model, data_npz, threads=1)                           accuracy (and agreement) only
+  format_table(result)                                                 the console table of a bench result
+  open_session, load_eval_npz, evaluate_session, interleaved_benchmark the building blocks
 """
+
+from importlib import import_module as _import_module
+from typing import Any as _Any
+
+_API = {"bench_model": "bench", "evaluate_model": "bench", "format_table": "bench", "open_session": "session",
+        "load_eval_npz": "evaluate", "evaluate_session": "evaluate", "interleaved_benchmark": "timing",
+        "RuntimeInputError": "errors"}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> _Any:  # PEP 562: import the module only when its function is used
+    if name in _API:
+        return getattr(_import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

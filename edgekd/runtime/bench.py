@@ -21,6 +21,9 @@ from .timing import interleaved_benchmark
 
 logger = logging.getLogger(__name__)
 
+# `edgekd bench --json` documents carry this; its JSON Schema is edgekd/schemas/bench.schema.json.
+BENCH_SCHEMA_VERSION = 1
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
@@ -99,6 +102,7 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
     environment["fingerprint"] = environment_fingerprint(environment)
     environment["description"] = describe(environment)
     return {
+        "schema_version": BENCH_SCHEMA_VERSION,
         "model": {"name": label, "path": str(path), "size_bytes": path.stat().st_size,
                   "sha256": file_sha256(path)},
         "environment": environment,
@@ -117,6 +121,16 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
         "mobile": mobile_report(path, check_usability=True) if mobile else None,
         "notes": notes,
     }
+
+
+def evaluate_model(model_path: str | os.PathLike, data_npz: str | os.PathLike, threads: int = 1,
+                   providers: Sequence[str] | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """Accuracy of one ONNX model on an eval .npz (inputs, labels[, teacher_predictions]), no timing:
+    {"accuracy", "agreement" (None without teacher_predictions), "samples"}."""
+    session = open_session(model_path, threads=threads, providers=providers)
+    data = load_eval_npz(data_npz)
+    check_input(session, data.inputs[: input_spec(session)[0].shape[0] or 1])
+    return evaluate_session(session, data, batch_size)
 
 
 def _megabytes(value: int | None) -> str:

@@ -232,7 +232,7 @@ def fit(
     loss parts are all-reduced, and every rank validates on the whole (small) validation split, so all ranks
     select the same best epoch.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a terminal (stderr), nothing when not a TTY
 
     objective = objective or CrossEntropyObjective(cfg.label_smoothing)
     seed_everything(seed)

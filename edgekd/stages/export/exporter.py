@@ -82,6 +82,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     Raises InputError when the requested opset cannot express an operator, StageFailed for other failures.
     """
     path = Path(path)
+    if dynamo:
+        import importlib.util
+
+        if importlib.util.find_spec("onnxscript") is None:  # the dynamo exporter's one extra dependency
+            raise InputError("export.dynamo: true needs onnxscript, which is not installed: "
+                             "pip install 'edgekd[dynamo]' (or set export.dynamo: false, the default exporter)")
     model = model.eval().cpu()
     example = example.detach().cpu().float()
     if dynamic_batch and dynamo and example.shape[0] < 2:
