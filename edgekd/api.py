@@ -51,7 +51,7 @@ class RunResult:
 
     run_dir: Path
     config: PipelineConfig
-    """The resolved config that ran (also written to run_dir/config.yaml)."""
+    """The resolved config that ran (also written to run_dir/resolved-config.yaml)."""
     ran: list[str]
     """Stages run this time."""
     skipped: list[str]

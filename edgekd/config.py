@@ -112,7 +112,7 @@ class PipelineConfig(Section):
         return {**view, "dataset_files": self._dataset_files} if self._dataset_files else view
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dump (paths as strings, aliases as written in YAML): what config.yaml records."""
+        """JSON-friendly dump (paths as strings, aliases as written in YAML): what resolved-config.yaml records."""
         return self.view()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgekd.errors import InputError
 
-PROBE_BYTES = 64 * 1024  # enough that a full disk (or a file-size limit) fails here, not on the first artifact
+PROBE_BYTES = 4 * 1024  # a full disk (or a file-size limit) fails here, not on the first artifact
 
 
 def check_writable_folder(folder: Path, what: str, shown: Path | None = None) -> None:

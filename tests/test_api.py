@@ -76,7 +76,7 @@ def test_run_returns_a_typed_result_with_the_deployed_model_budgets_and_report(a
     assert result.report()["deployed"]["artifact"] == result.deployed.artifact
     # the overrides are part of the resolved config that ran, and of the record on disk
     assert result.config.distill.epochs == 1 and result.config.prune is None
-    recorded = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    recorded = yaml.safe_load((result.run_dir / "resolved-config.yaml").read_text())
     assert recorded["distill"]["epochs"] == 1 and recorded["prune"] is None
 
 

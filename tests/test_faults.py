@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_CONFIG, write_config
+from conftest import TINY_CONFIG, error_lines, write_config
 from reliability_runs import (
     CORES,
     LOCK,
@@ -96,7 +96,7 @@ def _run_chain(name: str, folder: Path, core: int | None) -> Chain:
                 proc.wait()
         if chain.interrupted:
             chain.interrupted[-1].next_log = (run_dir / "log.txt").read_bytes()[offset:].decode("utf-8", "replace")
-            chain.interrupted[-1].next_stdout = proc.stdout
+            chain.interrupted[-1].next_stdout = proc.stdout + proc.stderr  # logs are on stderr
         if stage is not None:
             chain.interrupted.append(Interrupted(stage, proc, read_json(run_dir / "manifest.json"), files_in(run_dir)))
     return chain
@@ -139,7 +139,7 @@ def test_sigint_in_each_stage_exits_130_with_one_line_and_leaves_nothing_partial
     for point in chain.interrupted:
         where = f"SIGINT in {point.stage}: {point.proc.describe()}"
         assert point.proc.popen.returncode == 130, where
-        assert point.proc.stderr.strip() == "interrupted", where  # one line, no traceback
+        assert error_lines(point.proc.stderr) == ["interrupted"], where  # one line, no traceback
         assert list(point.manifest["stages"]) == list(STAGES[:STAGES.index(point.stage)]), where
         assert LOCK not in point.files, where  # released on the way out
         assert _leftovers(point.files, point.manifest) == [], where  # no temp, no work folder, no unrecorded file
@@ -285,7 +285,7 @@ def test_real_full_disk_mid_stage_exits_3_with_one_line_and_the_rerun_completes(
         proc = run_edgekd("run", "pipeline.yaml", "--only", "teacher", cwd=tmp_path)
         run_dir = disk / "run"
         assert proc.returncode == 3, proc.stdout + proc.stderr
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        lines = error_lines(proc.stderr)  # progress logs aside
         assert len(lines) == 1 and "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr
         assert "No space left on device" in lines[0], lines[0]
         assert "teacher" not in read_json(run_dir / "manifest.json")["stages"]

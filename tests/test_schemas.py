@@ -50,7 +50,7 @@ def test_config_schema_is_generated_from_the_models_and_in_sync() -> None:
     properties = schema.load("config")["properties"]
     assert set(properties) == {"name", "seed", "device", "output_dir", "data", "teacher", "student", "distill",
                                "prune", "export", "quantize", "benchmark", "budgets", "report"}
-    assert properties["seed"]["description"] == "Seed of splits, initialisation and shuffling."  # the docstrings
+    assert properties["seed"]["description"].startswith("Seed of splits, initialisation and shuffling")  # the docstrings
 
 
 def test_shipped_configs_validate_and_mistakes_are_caught_by_the_schema() -> None:

@@ -80,6 +80,18 @@ def _holder(lock_path: Path) -> dict[str, Any]:
     return holder
 
 
+def check_not_busy(run_dir: Path) -> None:
+    """Refuse at once (InputError) when a live edgekd run holds `run_dir`: a second run learns it before its
+    pre-flight, not after. Takes nothing: `run_lock` still decides, race-free, when the run starts."""
+    lock_path = run_dir / LOCK
+    if not lock_path.is_file():
+        return
+    holder = _holder(lock_path)
+    if holder and holder.get("host") == socket.gethostname() and _process_alive(int(holder.get("pid", -1))):
+        raise InputError(f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish "
+                         f"(if no edgekd run is using it, remove {lock_path})")
+
+
 def _acquire(lock_path: Path, run_dir: Path) -> None:
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     for _ in range(2):

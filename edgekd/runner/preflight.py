@@ -37,6 +37,9 @@ def check_run(cfg: PipelineConfig, source: str, *, output_key: str = "output_dir
     from edgekd.train import distributed
 
     if distributed.is_main():  # rank 0 owns the run directory
+        from edgekd.runner.lock import check_not_busy
+
+        check_not_busy(cfg.run_dir)
         check_writable_folder(cfg.run_dir, output_key if output_key.startswith("-") else f"{source}: {output_key}")
     up_to_date = nothing_to_run(cfg)  # reads the manifest first: a broken one is reported before any work
     if rerun or not up_to_date:

@@ -294,8 +294,8 @@ def fit(
             recal_started = time.perf_counter()
             recalibrated = recalibrate(model, data, cfg.bn_recalibration_batches, batch_size or 128, device, seed)
             if recalibrated["batches"]:
-                row["bn_recalibrated"] = {"batches": recalibrated["batches"], "samples": recalibrated["samples"],
-                                          "seconds": round(time.perf_counter() - recal_started, 3)}
+                row["bn_recalibrated"] = {"batches": recalibrated["batches"], "samples": recalibrated["samples"]}
+                row["bn_recalibration_s"] = round(time.perf_counter() - recal_started, 3)
         val_logits = predict(model, data.val, data, device, eval_batch_size)
         row["val_accuracy"] = round(accuracy(val_logits, data.val.labels), 6)
         row["val_loss"] = round(float(F.cross_entropy(val_logits, data.val.labels)), 6)
