@@ -94,7 +94,7 @@ def test_recalibration_rescues_a_torchvision_mobile_student_whose_eval_mode_coll
     assert rescued["eval_accuracy"] >= 0.35 and rescued["eval_accuracy"] >= collapsed["eval_accuracy"] + 0.2
     assert not rescued["at_chance"] and "message" not in rescued
     recalibrated = results[8].history[-1]["bn_recalibrated"]
-    assert (recalibrated["batches"], recalibrated["samples"]) == (4, len(data.train))  # 4 batches of 64 or fewer
+    assert (recalibrated["batches"], recalibrated["samples"], recalibrated["kept"]) == (4, len(data.train), True)
 
 
 def test_report_never_deploys_a_chance_level_student_and_says_why(tmp_path: Path) -> None:

@@ -45,6 +45,20 @@ def _batchnorm_in_train_mode(model: nn.Module, momentum: float | None) -> Iterat
             module.train(training)
 
 
+def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every tracked BatchNorm's running statistics (to put back with restore_batchnorm_buffers)."""
+    return [t.clone() for layer in tracked_batchnorms(model)
+            for t in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
+
+
+@torch.no_grad()
+def restore_batchnorm_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    targets = [t for layer in tracked_batchnorms(model)
+               for t in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
+    for target, value in zip(targets, saved):
+        target.copy_(value)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], max_batches: int) -> dict[str, Any]:
     """Reset every BatchNorm's running statistics and re-estimate them as the plain average over up to

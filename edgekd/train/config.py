@@ -36,8 +36,9 @@ class TrainConfig(Section):
     channels_last: bool = False
     """Train in channels_last memory format (faster convolutions on recent GPUs)."""
     bn_recalibration_batches: int = Field(10, ge=0)
-    """After each epoch, recompute BatchNorm running statistics over this many training batches (0: off), so
-    validation, best-epoch selection and the exported model use statistics that match the weights."""
+    """After each epoch, recompute BatchNorm running statistics over this many training batches (0: off) and keep
+    them when they validate at least as well as the moving average, so validation, best-epoch selection and the
+    exported model use statistics that match the weights."""
 
 
 class KDConfig(Section):

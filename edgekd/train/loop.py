@@ -22,6 +22,7 @@ from torch import nn
 from edgekd.data.bundle import DataBundle, Split
 from edgekd.errors import InputError, StageFailed
 from edgekd.train import distributed
+from edgekd.train.batchnorm import batchnorm_buffers, restore_batchnorm_buffers
 from edgekd.train.config import TrainConfig
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 
@@ -290,13 +291,23 @@ def fit(
         seen = int(sums.pop("_seen"))
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
+        val_logits = predict(model, data.val, data, device, eval_batch_size)
         if cfg.bn_recalibration_batches:
             recal_started = time.perf_counter()
+            moving_average = batchnorm_buffers(model)
             recalibrated = recalibrate(model, data, cfg.bn_recalibration_batches, batch_size or 128, device, seed)
             if recalibrated["batches"]:
-                row["bn_recalibrated"] = {"batches": recalibrated["batches"], "samples": recalibrated["samples"]}
+                recal_logits = predict(model, data.val, data, device, eval_batch_size)
+                # Keep the statistics that validate better: recalibrated ones rescue a collapsed eval mode; late
+                # in a long schedule the moving average can be as good, and is then kept as it was.
+                kept = accuracy(recal_logits, data.val.labels) >= accuracy(val_logits, data.val.labels)
+                if kept:
+                    val_logits = recal_logits
+                else:
+                    restore_batchnorm_buffers(model, moving_average)
+                row["bn_recalibrated"] = {"batches": recalibrated["batches"], "samples": recalibrated["samples"],
+                                          "kept": kept}
                 row["bn_recalibration_s"] = round(time.perf_counter() - recal_started, 3)
-        val_logits = predict(model, data.val, data, device, eval_batch_size)
         row["val_accuracy"] = round(accuracy(val_logits, data.val.labels), 6)
         row["val_loss"] = round(float(F.cross_entropy(val_logits, data.val.labels)), 6)
         if reference_val_logits is not None:
