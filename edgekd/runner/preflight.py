@@ -41,6 +41,8 @@ def check_run(cfg: PipelineConfig, source: str, *, output_key: str = "output_dir
 
         check_not_busy(cfg.run_dir)
         check_writable_folder(cfg.run_dir, output_key if output_key.startswith("-") else f"{source}: {output_key}")
+    else:  # under torchrun rank 0 checks for everyone (it owns the run directory and stops the others)
+        return
     up_to_date = nothing_to_run(cfg)  # reads the manifest first: a broken one is reported before any work
     if rerun or not up_to_date:
         check_models(cfg, source)
