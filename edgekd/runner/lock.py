@@ -84,12 +84,24 @@ def check_not_busy(run_dir: Path) -> None:
     """Refuse at once (InputError) when a live edgekd run holds `run_dir`: a second run learns it before its
     pre-flight, not after. Takes nothing: `run_lock` still decides, race-free, when the run starts."""
     lock_path = run_dir / LOCK
-    if not lock_path.is_file():
+    if lock_path.is_file():
+        _refuse_live_holder(_holder(lock_path), run_dir, lock_path)
+
+
+def _refuse_live_holder(holder: dict, run_dir: Path, lock_path: Path) -> None:
+    """InputError when the lock record names a process alive on this host, or any process on another host."""
+    if not holder:
         return
-    holder = _holder(lock_path)
-    if holder and holder.get("host") == socket.gethostname() and _process_alive(int(holder.get("pid", -1))):
-        raise InputError(f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish "
-                         f"(if no edgekd run is using it, remove {lock_path})")
+    if holder.get("host") != socket.gethostname():
+        raise InputError(
+            f"{run_dir}: locked by edgekd on host {holder.get('host')} (pid {holder.get('pid')}); "
+            f"remove {lock_path} if that run is gone"
+        )
+    if _process_alive(int(holder.get("pid", -1))):
+        raise InputError(
+            f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish "
+            f"(if no edgekd run is using it, remove {lock_path})"
+        )
 
 
 def _acquire(lock_path: Path, run_dir: Path) -> None:
@@ -99,17 +111,7 @@ def _acquire(lock_path: Path, run_dir: Path) -> None:
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(lock_path)
-            same_host = holder.get("host") == record["host"]
-            if holder and same_host and _process_alive(int(holder.get("pid", -1))):
-                raise InputError(
-                    f"{run_dir}: in use by another edgekd run (pid {holder['pid']}); wait for it to finish "
-                    f"(if no edgekd run is using it, remove {lock_path})"
-                ) from None
-            if holder and not same_host:
-                raise InputError(
-                    f"{run_dir}: locked by edgekd on host {holder.get('host')} (pid {holder.get('pid')}); "
-                    f"remove {lock_path} if that run is gone"
-                ) from None
+            _refuse_live_holder(holder, run_dir, lock_path)
             log.warning("taking over a stale lock left by pid %s", holder.get("pid", "?"))
             lock_path.unlink(missing_ok=True)
             continue
