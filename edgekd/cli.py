@@ -249,6 +249,8 @@ def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tup
           json_out: Path | None, warmup: int, iterations: int, no_memory: bool, no_mobile: bool) -> None:
     """Benchmark one ONNX MODEL with ONNX Runtime: latency per threads x batch, accuracy, memory, mobile readiness.
 
+    A .tflite MODEL runs on LiteRT instead (needs ai-edge-litert: pip install "edgekd[litert]"; int8 input and
+    output are quantized and dequantized with the model's own parameters; no mobile-readiness checks).
     Needs only numpy + onnxruntime (torch is never imported). Exits 0 on success, 2 on bad input
     (not an ONNX model, --data that does not fit the model, an unknown provider).
     """

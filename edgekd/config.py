@@ -80,6 +80,9 @@ class PipelineConfig(Section):
     def _cross_checks(self) -> PipelineConfig:
         if self.prune is not None and self.prune.source == "student" and self.distill is None:
             raise ValueError("prune.source: 'student' needs the distill stage (enable distill or prune the teacher)")
+        if self.report.deploy_runtime not in self.export.targets:
+            raise ValueError(f"report.deploy_runtime: '{self.report.deploy_runtime}' is not in export.targets "
+                             f"{self.export.targets} (add it there to deploy a {self.report.deploy_runtime} file)")
         if self.budgets.latency_threads not in self.benchmark.threads:
             raise ValueError(
                 f"budgets.latency_threads: {self.budgets.latency_threads} is not in benchmark.threads {self.benchmark.threads}"

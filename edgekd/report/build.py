@@ -59,18 +59,33 @@ def _rows(bench: dict[str, Any], manifest: Manifest, threads: int, batch: int) -
     return rows
 
 
-def _not_deployable(quant: dict[str, Any], rows: list[dict[str, Any]], num_classes: int) -> dict[str, str]:
-    """Artifacts never deployed: an int8 fallback, and any model at chance level (a model that predicts about
-    as well as guessing ships nothing, whatever its speed)."""
+def _not_deployable(quant: dict[str, Any], rows: list[dict[str, Any]], num_classes: int,
+                    mobile: dict[str, Any] | None = None) -> dict[str, str]:
+    """Artifacts the accuracy gate refuses: an int8 fallback, an int8 file of another runtime that failed the
+    gate (edgekd.gate.accuracy), any model that collapsed to one class on the test split or sits at chance
+    level (a model that predicts about as well as guessing ships nothing, whatever its speed)."""
     blocked = {}
     if quant and not quant["deployable"]:
         blocked[quant["artifact_name"]] = f"int8 fallback ({quant['fallback_reason']})"
+    for entry in (mobile or {}).get("artifacts") or []:
+        if not entry.get("deployable") and entry.get("reason"):
+            blocked[entry["name"]] = entry["reason"]
+    for row in rows:
+        if row.get("collapsed"):
+            blocked.setdefault(row["name"], f"{row['collapsed']}; never deployed")
     floor = near_chance_accuracy(num_classes)
     for row in rows:
         if isinstance(row.get("accuracy"), (int, float)) and row["accuracy"] < floor:
             blocked.setdefault(row["name"], f"at chance level: test accuracy {row['accuracy']:.4f} < {floor:.4f} "
                                             f"(guessing scores {1 / num_classes:.4f} with {num_classes} classes)")
     return blocked
+
+
+def _other_runtimes(rows: list[dict[str, Any]], deploy_runtime: str) -> dict[str, str]:
+    """Rows of runtimes other than report.deploy_runtime: measured and compared, not deployed."""
+    return {row["name"]: f"a {row.get('runtime') or 'onnxruntime'} artifact, shown for comparison "
+                         f"(report.deploy_runtime deploys {deploy_runtime} artifacts)"
+            for row in rows if (row.get("runtime") or "onnxruntime") != deploy_runtime}
 
 
 def training_checks(manifest: Manifest) -> list[dict[str, Any]]:
@@ -111,6 +126,13 @@ def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, A
         if reason.startswith("at chance level"):
             flags.append({"kind": "at_chance", "artifact": name, "source": None,
                           "message": f"{name} is not deployed: {reason}"})
+    fallback = quant["artifact_name"] if quant and not quant["deployable"] else None
+    for row in rows:  # the accuracy gate's refusals (edgekd.gate.accuracy), any runtime
+        reason = not_deployable.get(row["name"], "")
+        if row["name"] != fallback and (row.get("collapsed") or "int8 " in reason) and not reason.startswith("at chance"):
+            flags.append({"kind": "collapsed" if "collapsed" in reason else "int8_gate", "artifact": row["name"],
+                          "source": None, "message": f"{row['name']} ({row.get('runtime') or 'onnxruntime'} "
+                                                     f"{row.get('kind')}) is never deployed: {reason}"})
     for check in training:
         if check.get("message"):
             flags.append({"kind": "eval_mode_collapse" if check.get("diverged") else "trained_at_chance",
@@ -228,8 +250,10 @@ def _merge_devices(report: dict[str, Any], run_dir: Path, notes: list[str]) -> d
 
 
 def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
-                 run_name: str | None = None, created_at: str | None = None) -> dict[str, Any]:
-    """The report.json document. `budgets` is normalized (edgekd.gate.budgets.normalize_budgets)."""
+                 run_name: str | None = None, created_at: str | None = None,
+                 deploy_runtime: str = "onnxruntime") -> dict[str, Any]:
+    """The report.json document. `budgets` is normalized (edgekd.gate.budgets.normalize_budgets);
+    `deploy_runtime` (onnxruntime | litert | executorch) is the runtime whose artifacts may be deployed."""
     run_dir = Path(run_dir)
     bench = manifest.metrics(benchmark_stage.NAME)
     if not bench:
@@ -239,7 +263,11 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
     quant, prune = manifest.metrics(quantize_stage.NAME), manifest.metrics(prune_stage.NAME)
     sections = _sections(manifest)
     num_classes = int((sections["data"] or {}).get("num_classes") or 2)
-    not_deployable = _not_deployable(quant, rows, num_classes)
+    mobile = manifest.metrics("mobile")
+    refused = _not_deployable(quant, rows, num_classes, mobile)
+    for row in rows:
+        row["gate"] = refused.get(row["name"], "passed")
+    not_deployable = {**refused, **_other_runtimes(rows, deploy_runtime)}
     checks = training_checks(manifest)
     for row in rows:
         row["deployable"] = row["name"] not in not_deployable
@@ -260,7 +288,9 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
         "budgets": verdicts,
         "budgets_passed": all(v["passed"] for v in verdicts),
         "candidates": candidates,
-        "deployed": {"artifact": choice["artifact"], "path": "deploy/model.onnx", "source_path": deployed_row.get("path"),
+        "runtimes": runtime_table(rows, threads, batch),
+        "deployed": {"artifact": choice["artifact"], "path": f"deploy/{deployed_file_name(deployed_row)}",
+                     "source_path": deployed_row.get("path"), "runtime": deployed_row.get("runtime") or "onnxruntime",
                      "kind": deployed_row.get("kind"), "reason": choice["reason"], "rule": choice["rule"],
                      "budgets_passed": all(v["passed"] for v in verdicts), "files": []},
         "flags": _flags(rows, prune, quant, manifest.metrics(distill_stage.NAME), threads, batch, not_deployable,
@@ -275,6 +305,25 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
     report = _merge_devices(report, run_dir, notes)
     report["notes"] = notes
     return report
+
+
+def deployed_file_name(row: dict[str, Any]) -> str:
+    """model.onnx, model.tflite or model.pte: the bundle keeps the artifact's format."""
+    return "model" + (Path(str(row.get("path") or "")).suffix.lower() or ".onnx")
+
+
+def runtime_table(rows: list[dict[str, Any]], threads: int, batch: int) -> list[dict[str, Any]]:
+    """Runtime x precision for the deployable chain's last model (every non-teacher, non-baseline row of each
+    runtime's best fp32 and int8): accuracy, agreement, p50 at the budget setting, size, gate verdict."""
+    table = []
+    for row in rows:
+        if row["name"] in (TEACHER, BASELINE):
+            continue
+        table.append({"runtime": row.get("runtime") or "onnxruntime", "kind": row.get("kind"), "artifact": row["name"],
+                      "accuracy": row.get("accuracy"), "agreement": row.get("agreement"),
+                      "p50_ms": p50_at(row, threads, batch), "size_bytes": row.get("size_bytes"),
+                      "gate": row.get("gate"), "deployable": row.get("deployable")})
+    return table
 
 
 def _verdicts(rows: list[dict[str, Any]], deployed_row: dict[str, Any], budgets: dict[str, Any]) -> list[dict[str, Any]]:

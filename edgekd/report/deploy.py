@@ -35,10 +35,75 @@ def classify(pixels):  # uint8 image, shape (height, width) or (height, width, c
 '''
 
 
-def preprocess_json(manifest: Manifest) -> dict[str, Any]:
-    """The export stage's preprocessing record, plus the input size as [height, width]."""
+TFLITE_USAGE = '''import json
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter  # pip install ai-edge-litert numpy
+
+pre = json.load(open("preprocess.json"))
+labels = json.load(open("labels.json"))
+interpreter = Interpreter(model_path="model.tflite", num_threads=1)
+interpreter.allocate_tensors()
+inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+
+def classify(pixels):  # uint8 image, shape (height, width) or (height, width, channels)
+    x = np.asarray(pixels, np.float32).reshape(pre["height"], pre["width"], pre["channels"]).transpose(2, 0, 1)
+    mean = np.array(pre["mean"], np.float32).reshape(-1, 1, 1)
+    std = np.array(pre["std"], np.float32).reshape(-1, 1, 1)
+    x = ((x * pre["scale"] - mean) / std)[None]
+    q = pre["input_quantization"]  # full-int8 model: quantize the input with the tensor's own parameters
+    if q:
+        x = np.clip(np.round(x / q["scale"]) + q["zero_point"], -128, 127).astype(q["dtype"])
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    y = interpreter.get_tensor(out["index"])
+    q = pre["output_quantization"]  # ... and dequantize the output
+    if q:
+        y = (y.astype(np.int32) - q["zero_point"]) * q["scale"]
+    return labels[int(y.argmax())]
+'''
+
+PTE_USAGE = '''import json
+import numpy as np
+import torch
+from executorch.runtime import Runtime  # pip install executorch (its Python runtime needs torch)
+
+pre = json.load(open("preprocess.json"))
+labels = json.load(open("labels.json"))
+forward = Runtime.get().load_program("model.pte").load_method("forward")
+
+
+def classify(pixels):  # uint8 image, shape (height, width) or (height, width, channels)
+    x = np.asarray(pixels, np.float32).reshape(pre["height"], pre["width"], pre["channels"]).transpose(2, 0, 1)
+    mean = np.array(pre["mean"], np.float32).reshape(-1, 1, 1)
+    std = np.array(pre["std"], np.float32).reshape(-1, 1, 1)
+    logits = forward.execute([torch.from_numpy(((x * pre["scale"] - mean) / std)[None])])[0]
+    return labels[int(logits.argmax())]
+'''
+
+
+def _mobile_entry(manifest: Manifest, artifact: str) -> dict[str, Any]:
+    """The mobile stage's record of a .tflite / .pte artifact ({} for ONNX artifacts)."""
+    rows = manifest.metrics("mobile").get("artifacts") or []
+    return next((row for row in rows if row.get("name") == artifact), {})
+
+
+def preprocess_json(manifest: Manifest, artifact: str | None = None, model_file: str = "model.onnx") -> dict[str, Any]:
+    """The export stage's preprocessing record, plus the input size as [height, width], the model file, its
+    runtime and, for a .tflite, the input/output quantization parameters (None: float I/O)."""
     pre = dict(manifest.metrics(export_stage.NAME)["preprocess"])
-    return {**pre, "size": [pre["height"], pre["width"]]}
+    extra: dict[str, Any] = {"model_file": model_file}
+    entry = _mobile_entry(manifest, artifact) if artifact else {}
+    extra["runtime"] = entry.get("runtime", "onnxruntime")
+    if model_file.endswith(".tflite"):
+        io = entry.get("io_quantization") or {}
+        extra.update(input_quantization=io.get("input"), output_quantization=io.get("output"),
+                     input_shape=io.get("input_shape"), input_dtype=io.get("input_dtype"),
+                     output_dtype=io.get("output_dtype"))
+    elif model_file.endswith(".pte"):
+        extra.update(input_shape=[1, pre["channels"], pre["height"], pre["width"]], input_dtype="float32",
+                     method="forward")
+    return {**pre, "size": [pre["height"], pre["width"]], **extra}
 
 
 def labels_json(manifest: Manifest) -> list[str]:
@@ -46,7 +111,7 @@ def labels_json(manifest: Manifest) -> list[str]:
 
 
 # The top-level files a bundle may hold (edgekd_runtime/ is replaced whole by install_device_runner).
-BUNDLE_FILES = frozenset({"model.onnx", "model.ort", "labels.json", "preprocess.json", "eval.npz", "README.md",
+BUNDLE_FILES = frozenset({"model.onnx", "model.ort", "model.tflite", "model.pte", "labels.json", "preprocess.json", "eval.npz", "README.md",
                           RUNNER_NAME})
 
 
@@ -69,17 +134,21 @@ def _ort_copy(report: dict[str, Any], manifest: Manifest, run_dir: Path) -> Path
 def bundle_readme(report: dict[str, Any], files: list[str]) -> str:
     deployed = report["deployed"]
     row = next((r for r in report["artifacts"] if r["name"] == deployed["artifact"]), {})
+    model_file = Path(deployed["path"]).name
     size = f"{row['size_bytes'] / 1024:.1f} KiB" if row.get("size_bytes") else "size n/a"
     accuracy = f"test accuracy {row['accuracy']:.4f}" if isinstance(row.get("accuracy"), (int, float)) else ""
     lines = [
         f"# {report['run']['name']}: deploy bundle", "",
-        f"`model.onnx` is the **{deployed['artifact']}** model ({row.get('kind', 'fp32')}, {size}, {accuracy}).",
+        f"`{model_file}` is the **{deployed['artifact']}** model ({row.get('runtime', 'onnxruntime')} "
+        f"{row.get('kind', 'fp32')}, {size}, {accuracy}).",
         f"Chosen because: {deployed['reason']}.", "",
         "Budgets: " + ("all met." if deployed["budgets_passed"] else "NOT all met; see report.md."), "",
         "## Files", "",
     ]
     described = {
         "README.md": "this file", "model.onnx": "the model (ONNX)",
+        "model.tflite": "the model (LiteRT flatbuffer; int8 I/O parameters in preprocess.json)",
+        "model.pte": "the model (ExecuTorch program, XNNPACK-delegated; float32 I/O)",
         "model.ort": "the same model in ONNX Runtime Mobile format",
         "labels.json": "class names, index = output position", "preprocess.json": "input size, layout, scale, mean/std",
         "eval.npz": "test images and labels (for checking accuracy on the device)",
@@ -90,7 +159,10 @@ def bundle_readme(report: dict[str, Any], files: list[str]) -> str:
             lines.append(f"- `{name}`: {described.get(name, '')}".rstrip(": "))
     if any(f.startswith("edgekd_runtime/") for f in files):
         lines.append("- `edgekd_runtime/`: the torch-free runtime that run_on_device.py uses")
-    lines += ["", "## Use it (Python, `pip install onnxruntime numpy`)", "", "```python", USAGE.rstrip(), "```", "",
+    usage, needs = {".tflite": (TFLITE_USAGE, "ai-edge-litert numpy"), ".pte": (PTE_USAGE, "executorch numpy")}.get(
+        Path(model_file).suffix, (USAGE, "onnxruntime numpy"))
+    lines += ["", f"## Use it (Python, `pip install {needs}`; Android: see deploy/mobile.md)", "", "```python",
+              usage.rstrip(), "```", "",
               "Merge device results into the report: `edgekd report RUN_DIR --merge device.json`.", ""]
     return "\n".join(lines)
 
@@ -107,14 +179,15 @@ def write_deploy_bundle(report: dict[str, Any], manifest: Manifest, files: RunFi
     deploy = files.path(f"{DEPLOY_DIR}/")
     written: list[Path] = []
     deploy.mkdir(parents=True, exist_ok=True)
-    _copy(model, deploy / "model.onnx")
-    written.append(deploy / "model.onnx")
-    ort_file = _ort_copy(report, manifest, run_dir)
+    model_file = Path(report["deployed"]["path"]).name  # model.onnx | model.tflite | model.pte
+    _copy(model, deploy / model_file)
+    written.append(deploy / model_file)
+    ort_file = _ort_copy(report, manifest, run_dir) if model_file == "model.onnx" else None
     if ort_file is not None:
         _copy(ort_file, deploy / "model.ort")
         written.append(deploy / "model.ort")
     atomic.write_json(deploy / "labels.json", labels_json(manifest))
-    atomic.write_json(deploy / "preprocess.json", preprocess_json(manifest))
+    atomic.write_json(deploy / "preprocess.json", preprocess_json(manifest, report["deployed"]["artifact"], model_file))
     written += [deploy / "labels.json", deploy / "preprocess.json"]
     _copy(run_dir / export_stage.EVAL_ARTIFACT, deploy / "eval.npz")
     written.append(deploy / "eval.npz")

@@ -25,14 +25,18 @@ DEVICES_DIR = "devices"
 
 
 def write_report(manifest: Manifest, files: RunFiles, budgets: dict[str, Any], *, html: bool = True,
-                 plots: bool = True, run_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
+                 plots: bool = True, run_name: str | None = None,
+                 deploy_runtime: str = "onnx") -> tuple[dict[str, Any], list[str]]:
     """Build and write everything (through `files`: only paths edgekd owns); returns (report, files written
     relative to the run directory).
 
     report.json is written last, so its presence means the rest of the report is there too.
     """
     run_dir = files.run_dir
-    report = build_report(manifest, run_dir, budgets, run_name=run_name)
+    from edgekd.stages.report.config import DEPLOY_RUNTIMES
+
+    report = build_report(manifest, run_dir, budgets, run_name=run_name,
+                          deploy_runtime=DEPLOY_RUNTIMES.get(deploy_runtime, deploy_runtime))
     written = write_deploy_bundle(report, manifest, files)
     report["deployed"]["files"] = written
     images: dict[str, bytes] = {}
@@ -148,7 +152,8 @@ def render_run_dir(run_dir: Path, merge: list[Path] | None = None) -> dict[str, 
         options = settings.get("report") or {}
         budgets = normalize_budgets(settings.get("budgets"), "budgets")
         report, written = write_report(manifest, files, budgets, html=options.get("html", True),
-                                       plots=options.get("plots", True), run_name=settings.get("name"))
+                                       plots=options.get("plots", True), run_name=settings.get("name"),
+                                       deploy_runtime=options.get("deploy_runtime", "onnx"))
         record = manifest.record("report")
         if record is not None:  # keep the manifest true, so the next `edgekd run` sees an intact, up-to-date report
             record.artifacts = {name: atomic.sha256_file(run_dir / name) for name in written}

@@ -19,7 +19,7 @@ from typing import Any
 
 MANIFEST_SCHEMA = 1
 # The stages in run order: the only registry (`edgekd.stages.<name>` is imported when the loop reaches it).
-STAGES = ("teacher", "distill", "prune", "export", "quantize", "benchmark", "report")
+STAGES = ("teacher", "distill", "prune", "export", "quantize", "mobile", "benchmark", "report")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 anything is written, so that a typo costs neither a trained teacher nor a finished run's files.
 
 - the run directory can be created and written (`paths`);
+- each `export.targets` entry beyond onnx has its optional extra installed (litert, executorch);
 - the models: teacher and student are built on torch's meta device (no init cost) for the data's shape
   (`data.sources.data_shape`: known for bundled datasets, class folders counted for imagefolder; the data is
   not loaded), which checks the model names and `model_kwargs`; one forward pass of two zero images on
@@ -43,9 +44,26 @@ def check_run(cfg: PipelineConfig, source: str, *, output_key: str = "output_dir
         check_writable_folder(cfg.run_dir, output_key if output_key.startswith("-") else f"{source}: {output_key}")
     else:  # under torchrun rank 0 checks for everyone (it owns the run directory and stops the others)
         return
+    check_target_extras(cfg, source)
     up_to_date = nothing_to_run(cfg)  # reads the manifest first: a broken one is reported before any work
     if rerun or not up_to_date:
         check_models(cfg, source)
+
+
+def check_target_extras(cfg: PipelineConfig, source: str) -> None:
+    """Each export target beyond onnx needs its optional extra: say which, before any training (a lookup of
+    the module, nothing imported)."""
+    import importlib.util
+
+    from edgekd.stages.export.config import TARGET_EXTRAS
+
+    for target in cfg.export.targets:
+        if target not in TARGET_EXTRAS:
+            continue
+        extra, module, what = TARGET_EXTRAS[target]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f'{source}: export.targets: {target} ({what}) needs the {extra} extra, which is not '
+                              f'installed ({module} not found): pip install "edgekd[{extra}]"')
 
 
 def nothing_to_run(cfg: PipelineConfig) -> bool:

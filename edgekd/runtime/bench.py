@@ -17,6 +17,7 @@ from .evaluate import EvalData, evaluate_session, load_eval_npz
 from .memory import memory_profile
 from .mobile import mobile_report
 from .session import check_input, input_spec, open_session, random_inputs
+from .tflite import is_tflite
 from .timing import interleaved_benchmark
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
         "accuracy_samples": evaluation["samples"],
         "peak_memory_bytes": None if profile is None else profile["peak_bytes"],
         "memory": profile,
-        "mobile": mobile_report(path, check_usability=True) if mobile else None,
+        "mobile": mobile_report(path, check_usability=True) if mobile and not is_tflite(path) else None,
         "notes": notes,
     }
 

@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str] | None, bundle_dir: Path) -> argparse.Namespa
         description="Benchmark the bundle's model(s) on this device and write device.json "
                     "(bring it back and run `edgekd report RUN_DIR --merge device.json`).")
     parser.add_argument("--model", nargs="+", metavar="[NAME=]PATH",
-                        help="model(s) to measure (default: model.onnx and model.ort beside this script)")
+                        help="model(s) to measure (default: model.onnx, model.ort and model.tflite beside this script)")
     parser.add_argument("--data", help="eval .npz with inputs/labels (default: eval.npz beside this script)")
     parser.add_argument("--no-data", action="store_true", help="random inputs, no accuracy")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
@@ -57,9 +57,10 @@ def parse_args(argv: Sequence[str] | None, bundle_dir: Path) -> argparse.Namespa
     args = parser.parse_args(argv)
     args.bundle_dir = str(bundle_dir)
     if args.model is None:
-        args.model = [str(p) for p in (bundle_dir / "model.onnx", bundle_dir / "model.ort") if p.is_file()]
+        args.model = [str(p) for p in (bundle_dir / "model.onnx", bundle_dir / "model.ort", bundle_dir / "model.tflite")
+                      if p.is_file()]
         if not args.model:
-            parser.error(f"no model.onnx beside {bundle_dir}; pass --model PATH")
+            parser.error(f"no model.onnx or model.tflite beside {bundle_dir}; pass --model PATH")
     if args.data is None and not args.no_data and (bundle_dir / "eval.npz").is_file():
         args.data = str(bundle_dir / "eval.npz")
     if args.no_data:

@@ -107,6 +107,8 @@ def open_session(model_path: str | os.PathLike, threads: int = 1,
                  providers: Sequence[str] | None = None, stop_spinning_after_run: bool = False) -> ort.InferenceSession:
     """Open `model_path` with explicit threading; `session.get_providers()` tells which EPs really ran.
 
+    A `.tflite` file opens a LiteRT interpreter behind the same API (`runtime.tflite`; providers do not apply).
+
     Threads are always set: ORT otherwise sizes its pool from the host's cores, not the container quota.
     With XNNPACK the work runs on XNNPACK's own pool, so (as ORT's docs recommend) its pool gets the
     threads, the ORT intra-op pool gets 1 and spinning is off, to avoid two pools fighting for cores.
@@ -115,6 +117,10 @@ def open_session(model_path: str | os.PathLike, threads: int = 1,
     each run and take the cores from the next session.
     """
     path = Path(model_path)
+    if path.suffix.lower() == ".tflite":  # LiteRT: same session API, ai-edge-litert instead of onnxruntime
+        from .tflite import TfliteSession
+
+        return TfliteSession(path, threads)  # type: ignore[return-value]
     if not path.is_file():
         raise RuntimeInputError(f"{path}: not an ONNX model (file not found)")
     if threads < 1:

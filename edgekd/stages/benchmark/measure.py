@@ -33,6 +33,7 @@ class Artifact:
     path: Path
     params: int | None
     macs: int | None
+    runtime: str = "onnxruntime"  # onnxruntime | litert | executorch
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -61,29 +62,47 @@ def collect_artifacts(export_metrics: Mapping[str, Any], quantize_metrics: Mappi
     return artifacts
 
 
+def mobile_artifacts(export_metrics: Mapping[str, Any], mobile_metrics: Mapping[str, Any] | None,
+                     resolve: Callable[[str], Path]) -> list[Artifact]:
+    """The mobile stage's .tflite / .pte files (those it wrote), with their source's params/MACs."""
+    if not mobile_metrics:
+        return []
+    source = (export_metrics.get("models") or {}).get(str(mobile_metrics.get("source") or ""), {})
+    return [Artifact(str(row["name"]), str(row["kind"]), str(row["path"]), resolve(str(row["path"])),
+                     _int_or_none(source.get("params")), _int_or_none(source.get("macs")), str(row["runtime"]))
+            for row in mobile_metrics.get("artifacts") or [] if row.get("error") is None]
+
+
 def batch_inputs(inputs: np.ndarray, batches: Sequence[int]) -> dict[int, np.ndarray]:
     """Real test images per batch size (cycled when the test split is smaller than a batch)."""
     return {b: np.ascontiguousarray(inputs[np.resize(np.arange(inputs.shape[0]), b)]) for b in dict.fromkeys(batches)}
 
 
 def evaluate_artifacts(artifacts: Sequence[Artifact], data: Any, threads: int,
-                       providers: Sequence[str] | None) -> dict[str, dict[str, Any]]:
-    """Accuracy and agreement with the teacher per artifact, on the whole eval set.
+                       providers: Sequence[str] | None, open_artifact: Callable[..., Any] | None = None,
+                       ) -> dict[str, dict[str, Any]]:
+    """Accuracy, agreement with the teacher and the number of classes predicted per artifact, on the whole
+    eval set (`collapsed`: the gate's reason when one class is predicted for every image).
 
     Agreement is against the teacher ONNX model's own predictions here (same runtime, same inputs), so
     the teacher agrees with itself exactly; without a teacher row, the eval file's teacher predictions.
+    `open_artifact(path, threads, providers)` opens any artifact (default: edgekd.runtime's open_session).
     """
+    from edgekd.gate.accuracy import collapse_reason
     from edgekd.runtime.evaluate import accuracy, agreement, predict_logits
     from edgekd.runtime.session import open_session
 
+    opener = open_artifact or open_session
     predictions = {}
     for artifact in artifacts:
-        session = open_session(artifact.path, threads=threads, providers=providers)
+        session = opener(artifact.path, threads, providers)
         predictions[artifact.name] = predict_logits(session, data.inputs).argmax(axis=-1)
         del session
     reference = predictions.get("teacher", data.teacher_predictions)
     return {name: {"accuracy": accuracy(preds, data.labels),
                    "agreement": None if reference is None else agreement(preds, reference),
+                   "classes_predicted": int(len(np.unique(preds))),
+                   "collapsed": collapse_reason(preds, data.labels, what="test images"),
                    "samples": len(data)} for name, preds in predictions.items()}
 
 
@@ -142,9 +161,11 @@ def artifact_row(artifact: Artifact, timing_rows: Sequence[Mapping[str, Any]], e
     single = _find(timing_rows, budget_threads, 1)
     reference = sampled or (timing_rows[0] if timing_rows else {})
     return {
-        "name": artifact.name, "kind": artifact.kind, "path": artifact.file, "sha256": sha256_file(artifact.path),
+        "name": artifact.name, "kind": artifact.kind, "runtime": artifact.runtime, "path": artifact.file,
+        "sha256": sha256_file(artifact.path),
         "params": artifact.params, "macs": artifact.macs, "size_bytes": artifact.path.stat().st_size,
         "accuracy": evaluation.get("accuracy"), "agreement": evaluation.get("agreement"),
+        "classes_predicted": evaluation.get("classes_predicted"), "collapsed": evaluation.get("collapsed"),
         "latency_ms": latency,
         "throughput_ips": None if largest is None else largest["throughput_ips"],
         "peak_memory_bytes": peak_memory,
@@ -171,8 +192,9 @@ def peak_memory(artifact: Artifact, threads: int, batch: int, providers: Sequenc
 
 def mobile_candidates(artifacts: Sequence[Artifact]) -> list[Artifact]:
     """Every int8 model plus the smallest fp32 one: the models an app would ship (bounds the run time)."""
-    fp32 = [a for a in artifacts if a.kind == "fp32"]
-    chosen = [a for a in artifacts if a.kind == "int8"]
+    onnx = [a for a in artifacts if a.runtime == "onnxruntime"]  # the checks read ONNX graphs
+    fp32 = [a for a in onnx if a.kind == "fp32"]
+    chosen = [a for a in onnx if a.kind == "int8"]
     if fp32:
         chosen.insert(0, min(fp32, key=lambda a: a.path.stat().st_size))
     return chosen

@@ -30,21 +30,27 @@ def benchmark_stage(job: BenchmarkJob, ctx: RunContext) -> StageResult:
     providers = _providers(bench.providers)
     quantized = ctx.manifest.metrics("quantize") if "quantize" in ctx.depends_on else None
     artifacts = bm.collect_artifacts(ctx.manifest.metrics("export"), quantized, ctx.artifact)
+    mobile_metrics = ctx.manifest.metrics("mobile") if "mobile" in ctx.depends_on else None
+    artifacts += bm.mobile_artifacts(ctx.manifest.metrics("export"), mobile_metrics, ctx.artifact)
+    opener = _opener(artifacts)
     if not artifacts:
         raise StageFailed("stage benchmark: the export stage recorded no models; rerun `edgekd run --from export`")
     data = load_eval_npz(ctx.artifact(EVAL_ARTIFACT))
     log.info("  %d artifacts (%s) on %d test images", len(artifacts), ", ".join(a.name for a in artifacts), len(data))
 
-    evaluations = bm.evaluate_artifacts(artifacts, data, budget_threads, providers)
+    evaluations = bm.evaluate_artifacts(artifacts, data, budget_threads, providers, opener)
     inputs_by_batch = bm.batch_inputs(data.inputs, batches)
     log.info("  timing threads %s x batch %s: %d warm-up + %d runs, interleaved in chunks of %d",
              threads, batches, bench.warmup, bench.iterations, bench.chunk)
     timings = interleaved_benchmark({a.name: a.path for a in artifacts}, inputs_by_batch, threads, bench.warmup,
-                                    bench.iterations, chunk=bench.chunk, providers=providers, keep_samples=True)
+                                    bench.iterations, chunk=bench.chunk, providers=providers, keep_samples=True,
+                                    session_factory=opener)
     peaks, measured_peaks = bm.measure_peaks(threads)
     rows = []
     for artifact in artifacts:
-        memory = bm.peak_memory(artifact, budget_threads, budget_batch, providers) if bench.memory else None
+        # The probe is a torch-free child process: ExecuTorch's runtime needs torch, so .pte gets none.
+        measurable = bench.memory and artifact.runtime != "executorch"
+        memory = bm.peak_memory(artifact, budget_threads, budget_batch, providers) if measurable else None
         rows.append(bm.artifact_row(artifact, timings[artifact.name], evaluations[artifact.name], peaks,
                                     budget_threads, budget_batch, memory))
 
@@ -68,6 +74,16 @@ def benchmark_stage(job: BenchmarkJob, ctx: RunContext) -> StageResult:
     metrics = {"environment": environment, "artifacts": rows, "torch_reference": torch_rows, "mobile": mobile,
                "budget_setting": {"threads": budget_threads, "batch": budget_batch}}
     return StageResult([], metrics, _summary(rows, budget_threads, budget_batch))
+
+
+def _opener(artifacts: list[Any]) -> Any:
+    """The session factory for every artifact: ORT's (parking idle workers between interleaved models, see
+    interleaved_benchmark), LiteRT's and ExecuTorch's behind the same API."""
+    import functools
+
+    from edgekd.stages.mobile.sessions import open_artifact
+
+    return functools.partial(open_artifact, stop_spinning_after_run=len(artifacts) > 1)
 
 
 def _providers(requested: list[str]) -> list[str] | None:

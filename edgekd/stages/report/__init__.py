@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from edgekd.gate.budgets import BudgetsConfig
 from edgekd.runner.contract import StagePlan, StageResult
-from edgekd.stages import benchmark, distill, export, prune, quantize, teacher
+from edgekd.stages import benchmark, distill, export, mobile, prune, quantize, teacher
 from edgekd.stages.report.config import ReportConfig
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ class ReportJob:
 
 
 def plan(cfg: PipelineConfig) -> StagePlan:
-    optional = ((distill.NAME, cfg.distill), (prune.NAME, cfg.prune), (quantize.NAME, cfg.quantize))
+    optional = ((distill.NAME, cfg.distill), (prune.NAME, cfg.prune), (quantize.NAME, cfg.quantize),
+                (mobile.NAME, mobile.plan(cfg)))
     depends_on = (teacher.NAME, *(name for name, section in optional[:2] if section is not None), export.NAME,
                   *(name for name, section in optional[2:] if section is not None), benchmark.NAME)
     # The benchmark section is in the view because the benchmark stage writes no file: without it, new
@@ -48,7 +49,7 @@ def run(job: ReportJob, ctx: RunContext) -> StageResult:
     from edgekd.report.render import log_verdicts, stage_metrics, write_report
 
     report, files = write_report(ctx.manifest, ctx.files, job.budgets.as_dict(), html=job.report.html,
-                                 plots=job.report.plots, run_name=job.name)
+                                 plots=job.report.plots, run_name=job.name, deploy_runtime=job.report.deploy_runtime)
     log_verdicts(report)
     failed = [b["name"] for b in report["budgets"] if not b["passed"]]
     summary = (f"deployed {report['deployed']['artifact']}; "
