@@ -288,7 +288,7 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
         "budgets": verdicts,
         "budgets_passed": all(v["passed"] for v in verdicts),
         "candidates": candidates,
-        "runtimes": runtime_table(rows, threads, batch),
+        "runtimes": runtime_table(rows, threads, batch, (mobile or {}).get("source") or (quant or {}).get("source")),
         "deployed": {"artifact": choice["artifact"], "path": f"deploy/{deployed_file_name(deployed_row)}",
                      "source_path": deployed_row.get("path"), "runtime": deployed_row.get("runtime") or "onnxruntime",
                      "kind": deployed_row.get("kind"), "reason": choice["reason"], "rule": choice["rule"],
@@ -312,12 +312,15 @@ def deployed_file_name(row: dict[str, Any]) -> str:
     return "model" + (Path(str(row.get("path") or "")).suffix.lower() or ".onnx")
 
 
-def runtime_table(rows: list[dict[str, Any]], threads: int, batch: int) -> list[dict[str, Any]]:
-    """Runtime x precision for the deployable chain's last model (every non-teacher, non-baseline row of each
-    runtime's best fp32 and int8): accuracy, agreement, p50 at the budget setting, size, gate verdict."""
+def runtime_table(rows: list[dict[str, Any]], threads: int, batch: int, source: str | None = None,
+                  ) -> list[dict[str, Any]]:
+    """Runtime x precision of the chain's last model (`source`, the model the int8 and mobile files were made
+    from; ONNX Runtime's int8 too): accuracy, agreement, p50 at the budget setting, size, gate verdict.
+    Without a source, every row but the teacher and the baseline."""
     table = []
     for row in rows:
-        if row["name"] in (TEACHER, BASELINE):
+        onnx_fp32 = (row.get("runtime") or "onnxruntime") == "onnxruntime" and row.get("kind") == "fp32"
+        if row["name"] in (TEACHER, BASELINE) or (source and onnx_fp32 and row["name"] != source):
             continue
         table.append({"runtime": row.get("runtime") or "onnxruntime", "kind": row.get("kind"), "artifact": row["name"],
                       "accuracy": row.get("accuracy"), "agreement": row.get("agreement"),

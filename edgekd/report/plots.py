@@ -14,7 +14,9 @@ PLOTS = {
     "accuracy_vs_latency": "Accuracy vs p50 latency",
     "size": "Model file size",
     "latency_distribution": "Latency distribution",
+    "runtimes": "Runtime x precision: accuracy, p50, size",
 }
+RUNTIME_COLORS = {"onnxruntime": "#1f77b4", "litert": "#ff7f0e", "executorch": "#2ca02c"}
 COLORS = dict(zip((*MODEL_ORDER, *MODELS.values()), ("#d62728", "#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b")))
 
 
@@ -230,7 +232,44 @@ def latency_distribution(report: dict[str, Any]) -> bytes:
     return _png(figure)
 
 
+def runtimes(report: dict[str, Any]) -> bytes | None:
+    """Runtime x precision side by side: accuracy, p50 and size bars per (runtime, fp32/int8) of the chain's
+    deployable model (report["runtimes"]); None when the run used one runtime. Refused artifacts are hatched."""
+    entries = report.get("runtimes") or []
+    if len({e.get("runtime") for e in entries}) < 2:
+        return None
+    threads, batch = _setting(report)
+    figure = _figure(9.6, 3.4)
+    labels = [f"{e['runtime']}\n{e.get('kind')}" for e in entries]
+    colors = [RUNTIME_COLORS.get(e["runtime"], "#17becf") for e in entries]
+    refused = [e.get("gate") not in (None, "passed") for e in entries]
+    panels = (("accuracy", "test accuracy", lambda v: f"{v:.3f}"), ("p50_ms", f"p50 ms ({threads} thr, batch {batch})",
+              lambda v: f"{v:.3f}"), ("size_bytes", "size (KiB)", lambda v: f"{v:,.1f}"))
+    for index, (key, title, fmt) in enumerate(panels):
+        axes = figure.add_subplot(1, 3, index + 1)
+        values = [(e.get(key) or 0) / (1024 if key == "size_bytes" else 1) for e in entries]
+        bars = axes.barh(labels, values, color=colors, alpha=0.8)
+        for bar, is_refused in zip(bars, refused):
+            if is_refused:
+                bar.set_hatch("//")
+                bar.set_alpha(0.4)
+        axes.bar_label(bars, labels=[fmt(v) if v else "–" for v in values], fontsize=7, padding=2)
+        axes.set_title(title, fontsize=9)
+        axes.set_xlim(0, max(values + [1e-9]) * 1.35)
+        axes.tick_params(labelsize=7)
+        axes.invert_yaxis()
+        if index:
+            axes.set_yticks([])
+        axes.grid(True, axis="x", alpha=0.3)
+    figure.suptitle("Runtimes (hatched: refused by the accuracy gate)", fontsize=9)
+    return _png(figure)
+
+
 def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
-    """{plot name: PNG bytes}; names as in PLOTS (files plots/<name>.png)."""
-    return {"accuracy_vs_latency": accuracy_vs_latency(report), "size": size(report),
-            "latency_distribution": latency_distribution(report)}
+    """{plot name: PNG bytes}; names as in PLOTS (files plots/<name>.png); `runtimes` only with several runtimes."""
+    images = {"accuracy_vs_latency": accuracy_vs_latency(report), "size": size(report),
+              "latency_distribution": latency_distribution(report)}
+    runtime_plot = runtimes(report)
+    if runtime_plot is not None:
+        images["runtimes"] = runtime_plot
+    return images

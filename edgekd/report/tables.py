@@ -185,6 +185,26 @@ def stage_sections(report: dict[str, Any]) -> list[Section]:
     return out
 
 
+def runtimes_section(report: dict[str, Any]) -> Section | None:
+    """Runtime x precision (ONNX Runtime / LiteRT / ExecuTorch, fp32 / int8) when the run exported for more
+    than one runtime: accuracy, agreement, p50, size and the accuracy gate's verdict."""
+    entries = report.get("runtimes") or []
+    if len({e.get("runtime") for e in entries}) < 2:
+        return None
+    threads, batch = setting(report)
+    deployed = report["deployed"]["artifact"]
+    rows = [[e["runtime"], str(e.get("kind")), e["artifact"] + (" (deployed)" if e["artifact"] == deployed else ""),
+             acc(e.get("accuracy")), acc(e.get("agreement")), ms(e.get("p50_ms")), kib(e.get("size_bytes")),
+             "passed" if e.get("gate") in (None, "passed") else f"refused: {e['gate']}"] for e in entries]
+    return Section("Runtimes", "runtimes",
+                   [f"The same models on each runtime, measured in one interleaved loop on the same test images "
+                    f"(p50 at {threads} thread(s), batch {batch}; LiteRT and ExecuTorch files take batch 1). Each "
+                    "runtime's int8 file comes from its own quantizer on the same calibration images and passes "
+                    "the same accuracy gate; report.deploy_runtime says which runtime is deployed."],
+                   Table(["Runtime", "Precision", "Artifact", "Accuracy", "Agreement", "p50 ms", "Size", "Gate"],
+                         rows, "runtimes"))
+
+
 def training_checks_section(report: dict[str, Any]) -> Section | None:
     """Eval-mode vs batch-statistics accuracy per trained model, shown when any of them disagree or sit at
     chance level (then the exported model does not do what training measured)."""

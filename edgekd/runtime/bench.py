@@ -80,6 +80,13 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
     data = load_eval_npz(data_npz) if data_npz is not None else None
     if data is not None:  # a data/model mismatch is an error, not a batch to skip
         check_input(session, data.inputs[: specs[0].shape[0] or 1])
+    if hasattr(session, "io_quantization"):  # LiteRT: say what the app must do around a full-int8 model
+        io = session.io_quantization()
+        for side in ("input", "output"):
+            if io[side]:
+                notes.append(f"LiteRT {side} is {io[side]['dtype']} (scale {io[side]['scale']:.6g}, zero_point "
+                             f"{io[side]['zero_point']}): edgekd {'quantizes' if side == 'input' else 'dequantizes'} it "
+                             "as an app must")
     inputs_by_batch = inputs_for_batches(session, batches, data, notes)
     if not inputs_by_batch:
         raise RuntimeInputError(f"{path}: none of the batch sizes {batches} fit the model's input "
