@@ -222,6 +222,8 @@ def unwritable_dir() -> str:
 SITE_BLOCK_PIPELINE = (  # a runtime-only install (`pip install edgekd`): none of the pipeline extra
     "import sys\nfor name in ('torch', 'torchvision', 'torch_pruning', 'onnx', 'onnxscript', 'yaml'):\n"
     "    sys.modules[name] = None\n")
+SITE_BLOCK_MOBILE = (  # an install without the litert / executorch extras, whatever this machine has
+    "import sys\nfor name in ('litert_torch', 'executorch'):\n    sys.modules[name] = None\n")
 SITE_DISK_FULL = (  # no byte can be written: stands in for a full disk (ENOSPC) at the start of a run
     "import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
     "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n")
@@ -301,6 +303,14 @@ CASES = [
                 r"^pipeline\.yaml: distill\.temperature: must be > 0 \(got -1\)$"),
     config_case("out-of-range-fraction", {"data": {"val_fraction": 1.5}}, r"^pipeline\.yaml: data\.val_fraction: must be < 1"),
     config_case("out-of-range-opset", {"export": {"opset": 9}}, r"^pipeline\.yaml: export\.opset: must be >= 11 \(got 9\)$"),
+    config_case("wrong-literal-export-target", {"export": {"targets": ["onnx", "coreml"]}},
+                r"^pipeline\.yaml: export\.targets\[1\]: must be one of 'onnx', 'tflite' or 'pte' \(got 'coreml'\)$"),
+    config_case("conflict-export-target-twice", {"export": {"targets": ["onnx", "tflite", "tflite"]}},
+                r"^pipeline\.yaml: export\.targets: 'tflite' is listed twice"),
+    config_case("conflict-export-targets-without-onnx", {"export": {"targets": ["tflite"]}},
+                r"^pipeline\.yaml: export\.targets: must include 'onnx' \(quantize, benchmark and the device runner"),
+    config_case("conflict-deploy-runtime-not-exported", {"report": {"deploy_runtime": "pte"}},
+                r"^pipeline\.yaml: report\.deploy_runtime: 'pte' is not in export\.targets \['onnx'\]"),
     config_case("conflict-prune-targets", {"prune": {"ratio": 0.3, "target_macs": 0.5}},
                 r"^pipeline\.yaml: prune: set only one of ratio, target_macs, target_params"),
     config_case("conflict-prune-needs-distill", {"distill": None}, r"prune\.source: 'student' needs the distill stage"),
@@ -459,6 +469,14 @@ CASES = [
                 cause=r"^environment: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set: launch with torchrun"),
     config_case("env-rank-without-world-size", env={"RANK": "1"},
                 cause=r"^environment: RANK=1 without WORLD_SIZE: launch with torchrun, or unset them"),
+    config_case("env-target-without-litert-extra", {"export": {"targets": ["onnx", "tflite"]}},
+                extra=sitecustomize(SITE_BLOCK_MOBILE), env=LOCAL_IMPORTS,
+                cause=r'^pipeline\.yaml: export\.targets: tflite \(LiteRT \(\.tflite\) export\) needs the litert extra, '
+                      r'which is not installed \(litert_torch not found\): pip install "edgekd\[litert\]"$'),
+    config_case("env-target-without-executorch-extra", {"export": {"targets": ["onnx", "pte"]}},
+                extra=sitecustomize(SITE_BLOCK_MOBILE), env=LOCAL_IMPORTS,
+                cause=r'^pipeline\.yaml: export\.targets: pte \(ExecuTorch \(\.pte\) export\) needs the executorch extra, '
+                      r'which is not installed \(executorch not found\): pip install "edgekd\[executorch\]"$'),
     config_case("env-runtime-only-install", extra=sitecustomize(SITE_BLOCK_PIPELINE), env=LOCAL_IMPORTS,
                 cause=r'^edgekd run needs the pipeline extra \(torch, torchvision, onnx, torch_pruning, yaml not installed\): '
                       r'pip install "edgekd\[pipeline\]"$'),

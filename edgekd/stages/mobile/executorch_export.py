@@ -41,15 +41,18 @@ def export_int8(model: nn.Module, example: torch.Tensor, calibration: Iterable[n
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     sample = (example[:1].float(),)
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with torch.no_grad():
         prepared = prepare_pt2e(torch.export.export(model.eval().cpu(), sample).module(), quantizer)
+        move_exported_model_to_eval(prepared)  # observe only: BatchNorm statistics stay as trained
         for image in calibration:
             prepared(torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)))
         converted = convert_pt2e(prepared)
+        move_exported_model_to_eval(converted)  # BatchNorm/dropout in inference form, as exported
         _lower(torch.export.export(converted, sample), path)
 
 

@@ -44,6 +44,7 @@ def export_int8(model: nn.Module, example: torch.Tensor, calibration: Iterable[n
     import litert_torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     sample = (example[:1].float(),)
@@ -51,9 +52,11 @@ def export_int8(model: nn.Module, example: torch.Tensor, calibration: Iterable[n
     with _quiet(), torch.no_grad():
         graph = torch.export.export(model.eval().cpu(), sample).module()
         prepared = prepare_pt2e(graph, quantizer)
+        move_exported_model_to_eval(prepared)  # observe only: BatchNorm statistics stay as trained
         for image in calibration:
             prepared(torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)))
         converted = convert_pt2e(prepared, fold_quantize=False)
+        move_exported_model_to_eval(converted)  # BatchNorm/dropout in inference form, as exported
         edge = litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         with atomic.atomic_path(path) as temp:
             edge.export(str(temp))
