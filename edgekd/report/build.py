@@ -320,7 +320,10 @@ def runtime_table(rows: list[dict[str, Any]], threads: int, batch: int, source: 
     table = []
     for row in rows:
         onnx_fp32 = (row.get("runtime") or "onnxruntime") == "onnxruntime" and row.get("kind") == "fp32"
-        if row["name"] in (TEACHER, BASELINE) or (source and onnx_fp32 and row["name"] != source):
+        if source and onnx_fp32:
+            if row["name"] != source:
+                continue
+        elif row["name"] in (TEACHER, BASELINE):
             continue
         table.append({"runtime": row.get("runtime") or "onnxruntime", "kind": row.get("kind"), "artifact": row["name"],
                       "accuracy": row.get("accuracy"), "agreement": row.get("agreement"),
