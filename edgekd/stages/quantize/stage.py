@@ -189,6 +189,7 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
         best = _pick(attempts, q.max_accuracy_drop)
         if best is None:
             raise StageFailed(f"quantize: every int8 attempt failed; first error: {attempts[0]['error']}")
+        int8_pred = qz.predictions(best["file"], val.inputs)  # for the collapse check below
         proto = onnx.load(str(best["file"]))
         source_meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
         set_metadata(proto, {**source_meta, "artifact": metrics["artifact_name"], "source_artifact": src.name,
@@ -203,6 +204,11 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     fp32_size, int8_size = src.stat().st_size, ctx.path(ARTIFACT).stat().st_size
     drop = best["accuracy_drop"]
     deployable, reason, warning = fallback_decision(drop, q.max_accuracy_drop, q.fallback, source, len(attempts))
+    from edgekd.gate.accuracy import collapse_reason
+
+    collapsed = collapse_reason(int8_pred, val.labels, what="validation images")
+    if collapsed:  # the same gate as every runtime's int8 file: never deployed, whatever quantize.fallback says
+        deployable, reason, warning = False, f"int8 {collapsed}; {source} fp32 stays the deployable candidate", None
     if warning:
         metrics["accuracy_warning"] = warning
     if reason or warning:
