@@ -2,7 +2,7 @@
 torchvision's mobilenet_v2 — one table from one run, with the accuracy gate's verdicts.
 
     python benchmarks/mobile_runtimes.py [--config pipeline.yaml] [--keep DIR] [--images 64] [--iterations 100]
-                                         [--json OUT]
+                                         [--json OUT] [--only student|mobilenet_v2]
 
 Needs the litert and executorch extras (pip install "edgekd[litert,executorch]").
 
@@ -156,13 +156,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", choices=("student", "mobilenet_v2"), help="measure one of the two models")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgekd-mobile-") as temp:
         work = args.keep or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        student, student_info = student_rows(args.config.resolve(), work)
-        mnv2, mnv2_info = mobilenet_rows(work, args.images, args.iterations)
+        student, student_info = student_rows(args.config.resolve(), work) if args.only != "mobilenet_v2" else ([], {})
+        mnv2, mnv2_info = mobilenet_rows(work, args.images, args.iterations) if args.only != "student" else ([], {})
     rows = student + mnv2
     print(f"started {started}; student run {student_info}; mobilenet_v2 {mnv2_info}")
     print(markdown(rows))
