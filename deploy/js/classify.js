@@ -1,19 +1,21 @@
 #!/usr/bin/env node
 // Classify images with an edgekd deploy bundle and onnxruntime-node.
 //
-//   node classify.js BUNDLE_DIR IMAGE.ppm [IMAGE2.pgm ...] [--top 5] [--json] [--model model.ort]
+//   node classify.js BUNDLE_DIR photo.jpg scan.png [...] [--top 5] [--json] [--logits] [--model model.ort]
 //   node classify.js BUNDLE_DIR --eval [--json]        # top-1 on the bundle's eval.npz (already normalized)
 //
 // BUNDLE_DIR is runs/<name>/deploy: model.onnx (or model.ort), labels.json, preprocess.json, eval.npz.
-// Images are binary PPM (P6, RGB) or PGM (P5, gray) so that the example needs no image library; in an app,
-// decode with whatever you have (sharp, jimp, canvas, a camera frame) and pass HWC uint8 pixels to
-// preprocess(). React Native apps use the same InferenceSession/Tensor API from onnxruntime-react-native.
+// Images: JPEG (jpeg-js), PNG (pngjs), binary PPM/PGM; preprocessed as preprocess.json says by preprocess.js
+// (EXIF orientation, colour conversion, shorter-side bilinear antialiased resize, center crop, normalize).
+// In a browser, decode with preprocess.js's decodeInBrowser(); React Native apps use the same
+// InferenceSession/Tensor API from onnxruntime-react-native.
 'use strict';
 
 const fs = require('fs');
 const path = require('path');
 const zlib = require('zlib');
 const ort = require('onnxruntime-node');
+const contract = require('./preprocess.js');
 
 async function loadBundle(dir, modelFile) {
   const pre = JSON.parse(fs.readFileSync(path.join(dir, 'preprocess.json'), 'utf8'));
@@ -24,27 +26,58 @@ async function loadBundle(dir, modelFile) {
   return { session, labels, pre };
 }
 
-// HWC uint8 pixels (any size, 1 or 3 channels) -> NCHW float32 as preprocess.json says:
-// nearest-neighbour resize to height x width, then x = (pixel * scale - mean[c]) / std[c].
+// HWC uint8 pixels (any size; 1 grey, 2 grey+alpha, 3 RGB or 4 RGBA channels, e.g. a camera frame) -> the
+// model input, a NCHW Float32Array, exactly as preprocess.json says (see preprocess.js).
 function preprocess(pixels, width, height, channels, pre) {
-  const C = pre.channels, H = pre.height, W = pre.width;
-  const scale = pre.scale ?? 1 / 255;
-  const out = new Float32Array(C * H * W);
-  for (let y = 0; y < H; y++) {
-    const sy = Math.min(height - 1, Math.floor((y * height) / H));
-    for (let x = 0; x < W; x++) {
-      const sx = Math.min(width - 1, Math.floor((x * width) / W));
-      const p = (sy * width + sx) * channels;
-      for (let c = 0; c < C; c++) {
-        let v;
-        if (channels === C) v = pixels[p + c];
-        else if (channels === 1) v = pixels[p]; // gray image, colour model: repeat the channel
-        else v = 0.299 * pixels[p] + 0.587 * pixels[p + 1] + 0.114 * pixels[p + 2]; // colour image, gray model
-        out[c * H * W + y * W + x] = (v * scale - pre.mean[c]) / pre.std[c];
-      }
-    }
+  return contract.decodedToInput({ width, height, channels, data: pixels }, contract.loadPreprocess(pre));
+}
+
+// JPEG APP1 "Exif" segment -> orientation (1 when none).
+function jpegOrientation(buf) {
+  for (let p = 2; p + 4 <= buf.length && buf[p] === 0xff;) {
+    const marker = buf[p + 1], len = buf.readUInt16BE(p + 2);
+    if (marker === 0xda || marker === 0xd9) break; // start of scan: no more metadata
+    if (marker === 0xe1 && buf.toString('latin1', p + 4, p + 8) === 'Exif') return contract.exifOrientation(buf.subarray(p + 4, p + 2 + len));
+    p += 2 + len;
   }
-  return out;
+  return 1;
+}
+
+// PNG eXIf chunk -> orientation (1 when none).
+function pngOrientation(buf) {
+  for (let p = 8; p + 8 <= buf.length;) {
+    const len = buf.readUInt32BE(p), type = buf.toString('latin1', p + 4, p + 8);
+    if (type === 'eXIf') return contract.exifOrientation(buf.subarray(p + 8, p + 8 + len));
+    if (type === 'IEND') break;
+    p += 12 + len;
+  }
+  return 1;
+}
+
+// An image file -> {width, height, channels, data, orientation}. PNG: pngjs (RGBA; 16-bit samples keep the
+// high byte); JPEG: jpeg-js (RGBA; its CMYK -> RGB truncates where Pillow rounds, <= 1 level); PPM/PGM.
+function decodeImageFile(file) {
+  const buf = fs.readFileSync(file);
+  if (buf.length >= 8 && buf.readUInt32BE(0) === 0x89504e47) {
+    const { PNG } = require('pngjs');
+    const png = PNG.sync.read(buf, { skipRescale: true });
+    const data = png.depth === 16 ? Uint8Array.from(png.data, (v) => v >> 8) : new Uint8Array(png.data.buffer, png.data.byteOffset, png.data.length);
+    return { width: png.width, height: png.height, channels: 4, data, orientation: pngOrientation(buf) };
+  }
+  if (buf.length >= 3 && buf[0] === 0xff && buf[1] === 0xd8 && buf[2] === 0xff) {
+    const jpeg = require('jpeg-js');
+    const img = jpeg.decode(buf, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: 200 });
+    return { width: img.width, height: img.height, channels: 4, data: img.data, orientation: jpegOrientation(buf) };
+  }
+  if (buf[0] === 0x50 && (buf[1] === 0x36 || buf[1] === 0x35)) {
+    const img = readPnm(file);
+    return { ...img, data: img.pixels, orientation: 1 };
+  }
+  throw new Error(`${file}: not a JPEG, PNG or binary PPM/PGM file`);
+}
+
+function imageToInput(file, pre) {
+  return contract.decodedToInput(decodeImageFile(file), contract.loadPreprocess(pre));
 }
 
 function readPnm(file) {
@@ -140,9 +173,10 @@ async function logitsFor(bundle, input, n) {
 }
 
 async function main(argv) {
-  const opts = { top: 5, json: false, eval: false, model: undefined, files: [] };
+  const opts = { top: 5, json: false, eval: false, logits: false, model: undefined, files: [] };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--top') opts.top = Number(argv[++i]);
+    else if (argv[i] === '--logits') opts.logits = true;
     else if (argv[i] === '--model') opts.model = argv[++i];
     else if (argv[i] === '--json') opts.json = true;
     else if (argv[i] === '--eval') opts.eval = true;
@@ -150,7 +184,7 @@ async function main(argv) {
   }
   const [dir, ...images] = opts.files;
   if (!dir || (!opts.eval && images.length === 0)) {
-    console.error('usage: node classify.js BUNDLE_DIR (IMAGE.ppm ... | --eval) [--top K] [--json] [--model model.ort]');
+    console.error('usage: node classify.js BUNDLE_DIR (IMAGE.jpg|.png|.ppm ... | --eval) [--top K] [--json] [--logits] [--model model.ort]');
     return 2;
   }
   const bundle = await loadBundle(dir, opts.model);
@@ -165,10 +199,10 @@ async function main(argv) {
   }
   const results = [];
   for (const file of images) {
-    const img = readPnm(file);
-    const input = preprocess(img.pixels, img.width, img.height, img.channels, bundle.pre);
-    const [logits] = await logitsFor(bundle, input, 1);
-    results.push({ file, top: topK(logits, opts.top, bundle.labels) });
+    const [logits] = await logitsFor(bundle, imageToInput(file, bundle.pre), 1);
+    const result = { file, top: topK(logits, opts.top, bundle.labels) };
+    if (opts.logits) result.logits = Array.from(logits);
+    results.push(result);
   }
   if (opts.json) console.log(JSON.stringify(results));
   else for (const r of results) {
@@ -178,7 +212,7 @@ async function main(argv) {
   return 0;
 }
 
-module.exports = { loadBundle, preprocess, readPnm, readNpz, topK, softmax, logitsFor };
+module.exports = { loadBundle, preprocess, imageToInput, decodeImageFile, readPnm, readNpz, topK, softmax, logitsFor };
 
 if (require.main === module) {
   main(process.argv.slice(2)).then((code) => { process.exitCode = code; },
