@@ -9,7 +9,7 @@
 //      CMYK (stored inverted, Adobe convention) -> RGB = (255 - K) - (C * (255 - K)) / 255 rounded.
 //   2. resize: shorter side to `resize` (longer side = int(resize * long / short)), or straight to
 //      width x height when `resize` is null; Pillow's bilinear resampling (a triangle filter whose support grows
-//      with the reduction factor: antialiasing), horizontal pass then vertical pass, 8-bit fixed point.
+//      with the reduction factor: antialiasing), two separable passes in Pillow's order, 8-bit fixed point.
 //   3. center crop [h, w]: top = round((H - h) / 2), left = round((W - w) / 2), halves rounded to even.
 //   4. x = (pixel * scale - mean[c]) / std[c], float32 NCHW.
 #pragma once
@@ -310,41 +310,37 @@ inline uint8_t clip8(int32_t acc) {
 }
 }  // namespace detail
 
-// Pillow's Image.resize(size, BILINEAR) on 8-bit grey or RGB: horizontal pass (8-bit result), then vertical.
-inline Pixels resize_bilinear(const Pixels& in, int out_w, int out_h) {
-  const int C = in.channels;
-  Pixels cur = in;
-  if (out_w != in.width) {
-    const detail::Taps t = detail::bilinear_taps(in.width, out_w);
-    Pixels tmp{out_w, in.height, C, false, std::vector<uint8_t>(static_cast<size_t>(out_w) * in.height * C)};
-    for (int y = 0; y < in.height; ++y)
-      for (int x = 0; x < out_w; ++x) {
-        const int32_t* k = &t.weights[static_cast<size_t>(x) * t.ksize];
-        for (int c = 0; c < C; ++c) {
-          int32_t acc = 1 << (detail::kPrecisionBits - 1);
-          const uint8_t* row = &cur.data[(static_cast<size_t>(y) * in.width + t.first[x]) * C + c];
-          for (int i = 0; i < t.count[x]; ++i) acc += row[static_cast<size_t>(i) * C] * k[i];
-          tmp.data[(static_cast<size_t>(y) * out_w + x) * C + c] = detail::clip8(acc);
-        }
-      }
-    cur = std::move(tmp);
-  }
-  if (out_h != in.height) {
-    const detail::Taps t = detail::bilinear_taps(in.height, out_h);
-    const int W = cur.width;
-    Pixels tmp{W, out_h, C, false, std::vector<uint8_t>(static_cast<size_t>(W) * out_h * C)};
-    for (int y = 0; y < out_h; ++y) {
-      const int32_t* k = &t.weights[static_cast<size_t>(y) * t.ksize];
-      for (int x = 0; x < W * C; ++x) {
+// One pass of Pillow's bilinear resampling along x (horizontal) or y, rounding to 8 bits as Pillow does.
+inline Pixels resample_axis(const Pixels& in, int out_size, bool horizontal) {
+  const int C = in.channels, W = in.width, H = in.height;
+  const detail::Taps t = detail::bilinear_taps(horizontal ? W : H, out_size);
+  Pixels out{horizontal ? out_size : W, horizontal ? H : out_size, C, false, {}};
+  out.data.resize(static_cast<size_t>(out.width) * out.height * C);
+  // sample (x, y, c) of `in` is at (y * W + x) * C + c: step between taps is C along x, W * C along y
+  const size_t step = horizontal ? C : static_cast<size_t>(W) * C;
+  for (int y = 0; y < out.height; ++y)
+    for (int x = 0; x < out.width; ++x) {
+      const int o = horizontal ? x : y;
+      const int32_t* k = &t.weights[static_cast<size_t>(o) * t.ksize];
+      const size_t first = horizontal ? (static_cast<size_t>(y) * W + t.first[o]) * C
+                                      : (static_cast<size_t>(t.first[o]) * W + x) * C;
+      for (int c = 0; c < C; ++c) {
         int32_t acc = 1 << (detail::kPrecisionBits - 1);
-        for (int i = 0; i < t.count[y]; ++i)
-          acc += cur.data[static_cast<size_t>(t.first[y] + i) * W * C + x] * k[i];
-        tmp.data[static_cast<size_t>(y) * W * C + x] = detail::clip8(acc);
+        for (int i = 0; i < t.count[o]; ++i) acc += in.data[first + i * step + c] * k[i];
+        out.data[(static_cast<size_t>(y) * out.width + x) * C + c] = detail::clip8(acc);
       }
     }
-    cur = std::move(tmp);
-  }
-  return cur;
+  return out;
+}
+
+// Pillow's Image.resize(size, BILINEAR) on 8-bit grey or RGB: two passes, each rounded to 8 bits. Pillow runs
+// the horizontal pass first, except (Pillow >= 13) when the height shrinks by more than twice as many pixels
+// as the width does: then the vertical pass goes first. A size that does not change skips its pass.
+inline Pixels resize_bilinear(const Pixels& in, int out_w, int out_h) {
+  const bool vertical_first = out_w != in.width && out_h < in.height && in.height - out_h > 2 * (in.width - out_w);
+  if (vertical_first) return resample_axis(resample_axis(in, out_h, false), out_w, true);
+  Pixels cur = out_w != in.width ? resample_axis(in, out_w, true) : in;
+  return out_h != in.height ? resample_axis(cur, out_h, false) : cur;
 }
 
 // ------------------------------------------------------------------ the whole transform

@@ -54,8 +54,89 @@ function pngOrientation(buf) {
   return 1;
 }
 
+// JPEG frame header: components with their sampling factors, and whether an Adobe APP14 marker is present.
+function jpegLayout(buf) {
+  let adobe = false;
+  for (let p = 2; p + 4 <= buf.length && buf[p] === 0xff;) {
+    const marker = buf[p + 1], len = buf.readUInt16BE(p + 2);
+    if (marker === 0xee && buf.toString('latin1', p + 4, p + 9) === 'Adobe') adobe = true;
+    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
+      const components = [];
+      for (let i = 0; i < buf[p + 9]; i++) {
+        const f = buf[p + 11 + 3 * i];
+        components.push({ h: f >> 4, v: f & 15 });
+      }
+      return { components, adobe };
+    }
+    if (marker === 0xda) break;
+    p += 2 + len;
+  }
+  return { components: [], adobe };
+}
+
+// libjpeg's "fancy" (triangle) chroma upsampling, by 2 horizontally (h2v1) or in both directions (h2v2), of a
+// plane of dw x dh samples -> 2dw x (2dh | dh), edges replicated as libjpeg does.
+function fancyUpsample(plane, dw, dh, twoRows) {
+  const ow = 2 * dw, oh = twoRows ? 2 * dh : dh, out = new Uint8Array(ow * oh);
+  const at = (x, y) => plane[Math.min(dh - 1, Math.max(0, y)) * dw + Math.min(dw - 1, Math.max(0, x))];
+  for (let oy = 0; oy < oh; oy++) {
+    const y = twoRows ? oy >> 1 : oy, near = twoRows ? (oy & 1 ? y + 1 : y - 1) : y;
+    const col = (x) => (twoRows ? at(x, y) * 3 + at(x, near) : at(x, y));
+    const [shift, first, last, biasA, biasB] = twoRows ? [4, 4, 4, 8, 7] : [2, 1, 1, 1, 2];
+    for (let x = 0; x < dw; x++) {
+      const here = col(x) * 3;
+      out[oy * ow + 2 * x] = x === 0 ? (twoRows ? (col(0) * first + 8) >> shift : col(0))
+        : (here + col(x - 1) + biasA) >> shift;
+      out[oy * ow + 2 * x + 1] = x === dw - 1 ? (twoRows ? (col(x) * last + 7) >> shift : col(x))
+        : (here + col(x + 1) + biasB) >> shift;
+    }
+  }
+  return out;
+}
+
+// JPEG -> RGBA / grey with jpeg-js doing the entropy decoding and IDCT, and the chroma upsampling and
+// YCbCr -> RGB conversion done here the way libjpeg (and so Pillow) does them: jpeg-js alone replicates chroma
+// samples and truncates its floating-point colour conversion, a few levels off Pillow. Layouts other than
+// 4:4:4 / 4:2:2 / 4:2:0 YCbCr (and CMYK: jpeg-js's CMYK -> RGB truncates, <= 1 level) use jpeg-js's output.
+function decodeJpeg(buf) {
+  const jpeg = require('jpeg-js');
+  const { components, adobe } = jpegLayout(buf);
+  const hmax = Math.max(...components.map((c) => c.h)), vmax = Math.max(...components.map((c) => c.v));
+  const simple = components.length === 3 && !adobe && components[0].h === hmax && components[0].v === vmax &&
+    components.slice(1).every((c) => c.h === components[1].h && c.v === components[1].v && hmax / c.h <= 2 &&
+      (vmax / c.v === 1 || (vmax / c.v === 2 && hmax / c.h === 2)));
+  if (!simple) {
+    const img = jpeg.decode(buf, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: 200 });
+    return { width: img.width, height: img.height, channels: 4, data: img.data };
+  }
+  const raw = jpeg.decode(buf, { useTArray: true, formatAsRGBA: false, colorTransform: false, maxResolutionInMP: 200 });
+  const { width: w, height: h } = raw, sx = hmax / components[1].h, sy = vmax / components[1].v;
+  const dw = Math.ceil(w / sx), dh = Math.ceil(h / sy);
+  const chroma = [1, 2].map((k) => {
+    if (sx === 1) return null;
+    const plane = new Uint8Array(dw * dh);  // jpeg-js replicated each sample: take one per block
+    for (let y = 0; y < dh; y++) for (let x = 0; x < dw; x++) plane[y * dw + x] = raw.data[((y * sy) * w + x * sx) * 3 + k];
+    return fancyUpsample(plane, dw, dh, sy === 2);
+  });
+  const cw = 2 * dw, fix = (v) => Math.trunc(v * 65536 + 0.5), half = 1 << 15;
+  const data = new Uint8Array(w * h * 4);
+  const clamp = (v) => (v < 0 ? 0 : v > 255 ? 255 : v);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const i = y * w + x, Y = raw.data[i * 3];
+      const cb = (chroma[0] ? chroma[0][y * cw + x] : raw.data[i * 3 + 1]) - 128;
+      const cr = (chroma[1] ? chroma[1][y * cw + x] : raw.data[i * 3 + 2]) - 128;
+      data[i * 4] = clamp(Y + ((fix(1.402) * cr + half) >> 16));
+      data[i * 4 + 1] = clamp(Y + ((-fix(0.34414) * cb + half - fix(0.71414) * cr) >> 16));
+      data[i * 4 + 2] = clamp(Y + ((fix(1.772) * cb + half) >> 16));
+      data[i * 4 + 3] = 255;
+    }
+  }
+  return { width: w, height: h, channels: 4, data };
+}
+
 // An image file -> {width, height, channels, data, orientation}. PNG: pngjs (RGBA; 16-bit samples keep the
-// high byte); JPEG: jpeg-js (RGBA; its CMYK -> RGB truncates where Pillow rounds, <= 1 level); PPM/PGM.
+// high byte); JPEG: decodeJpeg (jpeg-js + libjpeg's upsampling and colour conversion); PPM/PGM.
 function decodeImageFile(file) {
   const buf = fs.readFileSync(file);
   if (buf.length >= 8 && buf.readUInt32BE(0) === 0x89504e47) {
@@ -65,9 +146,7 @@ function decodeImageFile(file) {
     return { width: png.width, height: png.height, channels: 4, data, orientation: pngOrientation(buf) };
   }
   if (buf.length >= 3 && buf[0] === 0xff && buf[1] === 0xd8 && buf[2] === 0xff) {
-    const jpeg = require('jpeg-js');
-    const img = jpeg.decode(buf, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: 200 });
-    return { width: img.width, height: img.height, channels: 4, data: img.data, orientation: jpegOrientation(buf) };
+    return { ...decodeJpeg(buf), orientation: jpegOrientation(buf) };
   }
   if (buf[0] === 0x50 && (buf[1] === 0x36 || buf[1] === 0x35)) {
     const img = readPnm(file);

@@ -8,7 +8,7 @@
 //      RGB -> L = (19595 R + 38470 G + 7471 B + 32768) >> 16; 16-bit samples keep the high byte (>> 8).
 //   2. resize: shorter side to `resize` (longer side = Math.trunc(resize * long / short)), or straight to
 //      width x height when `resize` is null, with Pillow's bilinear resampling: a triangle filter whose support
-//      grows with the reduction factor (antialiasing), horizontal pass then vertical pass, 8-bit fixed point.
+//      grows with the reduction factor (antialiasing), two separable passes in Pillow's order, 8-bit fixed point.
 //   3. center crop [h, w]: top = round((H - h) / 2), left = round((W - w) / 2), halves rounded to even.
 //   4. x = (pixel * scale - mean[c]) / std[c] -> NCHW Float32Array.
 (function (root, factory) {
@@ -140,39 +140,34 @@
 
   const clip8 = (acc) => { const v = acc >> PRECISION_BITS; return v < 0 ? 0 : v > 255 ? 255 : v; };
 
-  // Pillow's Image.resize(size, BILINEAR) on 8-bit grey or RGB: horizontal pass (8-bit result), then vertical.
-  function resizeBilinear(img, outW, outH) {
-    const C = img.channels;
-    let cur = img;
-    if (outW !== img.width) {
-      const t = bilinearTaps(img.width, outW), H = img.height, inW = img.width;
-      const out = new Uint8Array(outW * H * C);
-      for (let y = 0; y < H; y++) {
-        for (let x = 0; x < outW; x++) {
-          const k = x * t.ksize, base = (y * inW + t.first[x]) * C;
-          for (let c = 0; c < C; c++) {
-            let acc = 1 << (PRECISION_BITS - 1);
-            for (let i = 0; i < t.count[x]; i++) acc += cur.data[base + i * C + c] * t.weights[k + i];
-            out[(y * outW + x) * C + c] = clip8(acc);
-          }
-        }
-      }
-      cur = { width: outW, height: H, channels: C, data: out };
-    }
-    if (outH !== img.height) {
-      const t = bilinearTaps(img.height, outH), rowLen = cur.width * C;
-      const out = new Uint8Array(rowLen * outH);
-      for (let y = 0; y < outH; y++) {
-        const k = y * t.ksize, first = t.first[y], n = t.count[y];
-        for (let x = 0; x < rowLen; x++) {
+  // One pass of Pillow's bilinear resampling along x (horizontal) or y, rounding to 8 bits as Pillow does.
+  function resampleAxis(img, outSize, horizontal) {
+    const { width: W, height: H, channels: C } = img;
+    const t = bilinearTaps(horizontal ? W : H, outSize);
+    const ow = horizontal ? outSize : W, oh = horizontal ? H : outSize, out = new Uint8Array(ow * oh * C);
+    const step = horizontal ? C : W * C;  // between taps: the next pixel along x, or the next row
+    for (let y = 0; y < oh; y++) {
+      for (let x = 0; x < ow; x++) {
+        const o = horizontal ? x : y, k = o * t.ksize, n = t.count[o];
+        const first = horizontal ? (y * W + t.first[o]) * C : (t.first[o] * W + x) * C;
+        for (let c = 0; c < C; c++) {
           let acc = 1 << (PRECISION_BITS - 1);
-          for (let i = 0; i < n; i++) acc += cur.data[(first + i) * rowLen + x] * t.weights[k + i];
-          out[y * rowLen + x] = clip8(acc);
+          for (let i = 0; i < n; i++) acc += img.data[first + i * step + c] * t.weights[k + i];
+          out[(y * ow + x) * C + c] = clip8(acc);
         }
       }
-      cur = { width: cur.width, height: outH, channels: C, data: out };
     }
-    return cur;
+    return { width: ow, height: oh, channels: C, data: out };
+  }
+
+  // Pillow's Image.resize(size, BILINEAR) on 8-bit grey or RGB: two passes, each rounded to 8 bits. Pillow runs
+  // the horizontal pass first, except (Pillow >= 13) when the height shrinks by more than twice as many pixels
+  // as the width does: then the vertical pass goes first. A size that does not change skips its pass.
+  function resizeBilinear(img, outW, outH) {
+    const { width: W, height: H } = img;
+    if (outW !== W && outH < H && H - outH > 2 * (W - outW)) return resampleAxis(resampleAxis(img, outH, false), outW, true);
+    const cur = outW !== W ? resampleAxis(img, outW, true) : img;
+    return outH !== H ? resampleAxis(cur, outH, false) : cur;
   }
 
   const roundHalfEven = (v) => { const f = Math.floor(v); return v - f === 0.5 ? (f % 2 === 0 ? f : f + 1) : Math.round(v); };
