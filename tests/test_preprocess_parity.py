@@ -308,6 +308,22 @@ def test_run_on_device_images_reads_the_contract_from_onnx_metadata(images, bund
     assert_parity("run_on_device.py (metadata)", images[:3], expected, got)
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"format": "edgekd-preprocess/9"}, "format 'edgekd-preprocess/9' is not supported (this runtime reads "
+                                        "edgekd-preprocess/2)"),
+    ({"resize": 40}, "crop [56, 56] is larger than resize 40 (images are never padded)"),
+    ({"std": [0.2, 0.0, 0.2]}, "mean and std need 3 values each, std > 0"),
+])
+def test_run_on_device_images_bad_preprocess_json_exits_2_in_one_line(images, bundles, tmp_path, override, message):
+    (tmp_path / "pre.json").write_text(json.dumps({**SPECS["rgb-64-crop-56"], **override}))
+    proc = subprocess.run([sys.executable, str(bundles["rgb-64-crop-56"] / "run_on_device.py"), "--images",
+                           str(images[0]), "--preprocess", str(tmp_path / "pre.json")],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'pre.json'}: ")
+    assert message in lines[0]
+
+
 def test_run_on_device_images_bad_file_exits_2_naming_it(bundles, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     proc = subprocess.run([sys.executable, str(bundles["rgb-64-crop-56"] / "run_on_device.py"), "--images",
