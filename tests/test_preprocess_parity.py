@@ -239,6 +239,27 @@ def test_the_contract_is_torchvision_eval_transform_on_pil_images(images):
         np.testing.assert_array_equal(out, reference_pixels(path, pre), err_msg=path.name)
 
 
+def test_edgekd_eval_path_gives_the_reference_inputs(images):
+    """edgekd's own eval/export path (edgekd.data.images.EvalTransform, then the data bundle's normalization in
+    torch) gives the reference's pixels exactly and its inputs within float32 rounding."""
+    data_images = pytest.importorskip("edgekd.data.images", reason="edgekd's image-file data path is not here")
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from edgekd.data.bundle import DataBundle
+
+    for name, pre in SPECS.items():
+        transform = data_images.EvalTransform(color=pre["color"], height=56, width=56, resize=pre["resize"],
+                                              crop=tuple(pre["crop"]) if pre["crop"] else None)
+        for path in images:
+            pixels = transform.load(path)  # uint8 (C, H, W)
+            np.testing.assert_array_equal(pixels, reference_pixels(path, pre).transpose(2, 0, 1),
+                                          err_msg=f"{name}: {path.name}")
+            meta = SimpleNamespace(meta=SimpleNamespace(mean=pre["mean"], std=pre["std"]))
+            inputs = DataBundle.normalize(meta, torch.from_numpy(pixels[None].copy())).numpy()
+            assert float(np.abs(inputs - reference_input(path, pre)).max()) <= 1e-5, (name, path.name)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_runtime_preprocess_equals_the_reference_bit_for_bit(images, name):
     pre = load_preprocess(SPECS[name])
