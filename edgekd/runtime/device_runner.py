@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import onnxruntime as ort
 
 from .bench import file_sha256, inputs_for_batches
@@ -234,8 +235,6 @@ def _labels(bundle_dir: Path, metadata: dict[str, str]) -> list[str]:
 def classify_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The first --model (default model.onnx) on each --images file, preprocessed per the contract; returns
     [{file, logits, top1, label, top: [{index, label, prob}]}]."""
-    import numpy as np
-
     from .preprocess import image_to_input, load_preprocess, preprocess_from_metadata
 
     bundle = Path(args.bundle_dir)
@@ -259,11 +258,10 @@ def classify_images(args: argparse.Namespace) -> list[dict[str, Any]]:
         logits = session.run(None, {input_name: image_to_input(image, spec)})[0][0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        order = np.argsort(-logits, kind="stable")[:args.top]
-        name = lambda i: labels[i] if i < len(labels) else str(i)  # noqa: E731
-        results.append({"file": str(image), "logits": logits.tolist(), "top1": int(order[0]),
-                        "label": name(int(order[0])),
-                        "top": [{"index": int(i), "label": name(int(i)), "prob": float(probs[i])} for i in order]})
+        order = [int(i) for i in np.argsort(-logits, kind="stable")[:args.top]]
+        label = [labels[i] if i < len(labels) else str(i) for i in order]
+        results.append({"file": str(image), "logits": logits.tolist(), "top1": order[0], "label": label[0],
+                        "top": [{"index": i, "label": n, "prob": float(probs[i])} for i, n in zip(order, label)]})
     return results
 
 
