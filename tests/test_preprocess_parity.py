@@ -291,6 +291,12 @@ def test_bad_preprocess_records_are_refused_in_one_line(bad, message):
         load_preprocess({**SPECS["rgb-64-crop-56"], **bad})
 
 
+def test_runtime_without_pillow_says_what_to_install(images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import ...` raises ImportError
+    with pytest.raises(RuntimeInputError, match=r"^reading image files needs Pillow \(.*\): pip install pillow$"):
+        image_to_input(images[0], SPECS["rgb-64-crop-56"])
+
+
 def test_runtime_refuses_a_file_that_is_not_an_image(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(RuntimeInputError, match="notes.png: not a readable image"):
