@@ -17,17 +17,9 @@ from edgekd.stages import quantize as quantize_stage
 
 DEPLOY_DIR = "deploy"
 
-USAGE = '''import json
-import numpy as np
-import onnxruntime as ort
-from PIL import Image, ImageOps
-
-pre = json.load(open("preprocess.json"))
-labels = json.load(open("labels.json"))
-session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-
-
-def to_input(path):  # preprocess.json's contract, step by step (edgekd evaluated the model on exactly this)
+# The preprocessing contract in Python (needs `pre`, numpy as np, PIL's Image and ImageOps): every runtime's
+# snippet uses it, so that an app feeds the model what edgekd evaluated it on.
+TO_INPUT = '''def to_input(path):  # preprocess.json's contract, step by step (edgekd evaluated the model on exactly this)
     image = ImageOps.exif_transpose(Image.open(path))
     if image.mode.startswith("I"):  # 16-bit grey: keep the high byte
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
@@ -48,7 +40,19 @@ def to_input(path):  # preprocess.json's contract, step by step (edgekd evaluate
     mean = np.array(pre["mean"], np.float32).reshape(-1, 1, 1)
     std = np.array(pre["std"], np.float32).reshape(-1, 1, 1)
     return ((x * np.float32(pre["scale"]) - mean) / std)[None]
+'''
 
+USAGE = '''import json
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+pre = json.load(open("preprocess.json"))
+labels = json.load(open("labels.json"))
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+
+
+''' + TO_INPUT + '''
 
 def classify(path):  # an image file (JPEG, PNG, ...) -> class name
     logits = session.run(None, {pre["input_name"]: to_input(path)})[0]

@@ -240,7 +240,8 @@ def classify_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     bundle = Path(args.bundle_dir)
     model = next(iter(_parse_models(args.model[:1]).values()))
     session = open_session(model, threads=1, providers=[CPU_PROVIDER])
-    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    # ONNX metadata holds the contract too; sessions of other formats may have none
+    metadata = dict(session.get_modelmeta().custom_metadata_map) if hasattr(session, "get_modelmeta") else {}
     if args.preprocess:
         spec = load_preprocess(args.preprocess)
     elif (bundle / "preprocess.json").is_file():
