@@ -9,6 +9,9 @@ Needs the litert and executorch extras (pip install "edgekd[litert,executorch]")
 1. The student: `edgekd run CONFIG --set export.targets=[onnx,tflite,pte]` (the default pipeline: the pruned
    student, its ORT int8, and the mobile stage's four files); the rows are the report's `runtimes` table
    (benchmark stage: interleaved, 1 thread, batch 1; test accuracy on the 1,000 test digits; gate verdicts).
+   With `--student-run DIR` (a finished run of CONFIG) its pruned.pt is taken instead and the six files are
+   made here as in 2., calibrated on the quantize stage's calibration images (CONFIG's seed and samples),
+   accuracy on DIR/eval.npz (the test split), the int8 gate on DIR/val.npz (the validation split).
 2. mobilenet_v2 (torchvision, 224x224, untrained, seeded): the same six artifacts made the same way (ONNX
    via the export stage's exporter, ORT int8 with the quantize stage's default recipe for this CPU, LiteRT
    and ExecuTorch with the mobile stage's modules), calibrated on the same 32 images; `agreement` is top-1
@@ -67,11 +70,16 @@ def smooth_images(count: int, seed: int) -> np.ndarray:
     return torch.nn.functional.interpolate(coarse, size=(224, 224), mode="bilinear", align_corners=False).numpy()
 
 
-def mobilenet_rows(work: Path, images: int, iterations: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def six_artifacts(model_label: str, stem: str, model: Any, calibration: np.ndarray, eval_inputs: np.ndarray,
+                  eval_labels: np.ndarray, quality_kind: str, gate_inputs: np.ndarray, gate_labels: np.ndarray,
+                  work: Path, iterations: int, agreement_with: np.ndarray | None = None,
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """ONNX (export stage's exporter) + ORT int8 (quantize stage's default recipe for this CPU) + LiteRT and
+    ExecuTorch fp32/int8 (mobile stage's modules), all calibrated on `calibration`; quality on the eval
+    images, the int8 gate against each runtime's own fp32 on the gate images, timing in one interleaved loop."""
     import functools
 
     import torch
-    import torchvision
 
     from edgekd.gate.accuracy import int8_verdict
     from edgekd.runtime.evaluate import predict_logits
@@ -81,23 +89,17 @@ def mobilenet_rows(work: Path, images: int, iterations: int) -> tuple[list[dict[
     from edgekd.stages.mobile.sessions import open_artifact
     from edgekd.stages.quantize import quantization as qz
 
-    torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v2(weights=None).eval()
-    calibration, test = smooth_images(32, 1).astype(np.float32), smooth_images(images, 2).astype(np.float32)
-    example = torch.from_numpy(test[:1])
-    with torch.inference_mode():
-        reference = np.concatenate([model(torch.from_numpy(test[i:i + 16])).argmax(1).numpy()
-                                    for i in range(0, len(test), 16)])
+    example = torch.from_numpy(np.ascontiguousarray(eval_inputs[:1]))
     files: dict[tuple[str, str], Path] = {}
-    export_s: dict[str, float] = {}
+    export_s: dict[str, Any] = {}
 
     def timed(key: str, fn: Any) -> None:
         start = time.time()
         fn()
         export_s[key] = round(time.time() - start, 1)
 
-    onnx_fp32, pre, onnx_int8 = work / "mnv2.onnx", work / "mnv2.pre.onnx", work / "mnv2.int8.onnx"
-    timed("onnx fp32", lambda: export_onnx(model, example, onnx_fp32, opset=17, dynamic_batch=True, name="mobilenet_v2"))
+    onnx_fp32, pre, onnx_int8 = work / f"{stem}.onnx", work / f"{stem}.pre.onnx", work / f"{stem}.int8.onnx"
+    timed("onnx fp32", lambda: export_onnx(model, example, onnx_fp32, opset=17, dynamic_batch=True, name=stem))
 
     def ort_int8() -> None:
         qz.preprocess(onnx_fp32, pre)
@@ -108,34 +110,72 @@ def mobilenet_rows(work: Path, images: int, iterations: int) -> tuple[list[dict[
     timed("onnx int8", ort_int8)
     files[("onnxruntime", "fp32")], files[("onnxruntime", "int8")] = onnx_fp32, onnx_int8
     for runtime, module, suffix in (("litert", litert, ".tflite"), ("executorch", executorch_export, ".pte")):
-        fp32, int8 = work / f"mnv2{suffix}", work / f"mnv2.int8{suffix}"
+        fp32, int8 = work / f"{stem}{suffix}", work / f"{stem}.int8{suffix}"
         timed(f"{runtime} fp32", lambda: module.export_fp32(model, example, fp32))
+        files[(runtime, "fp32")] = fp32
         try:
             timed(f"{runtime} int8", lambda: module.export_int8(model, example, calibration, int8))
             files[(runtime, "int8")] = int8
         except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
             export_s[f"{runtime} int8"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-        files[(runtime, "fp32")] = fp32
-    predictions = {key: predict_logits(open_artifact(path), test).argmax(1) for key, path in files.items()}
+    predictions = {key: predict_logits(open_artifact(path), eval_inputs).argmax(1) for key, path in files.items()}
+    gate_predictions = {key: predict_logits(open_artifact(path), gate_inputs).argmax(1) for key, path in files.items()}
     labels = {f"{r}-{k}": path for (r, k), path in files.items()}
     opener = functools.partial(open_artifact, stop_spinning_after_run=True)
-    timings = interleaved_benchmark(labels, {1: test[:1]}, [1], warmup=10, iterations=iterations, chunk=10,
-                                    session_factory=opener)
+    timings = interleaved_benchmark(labels, {1: np.ascontiguousarray(eval_inputs[:1])}, [1], warmup=10,
+                                    iterations=iterations, chunk=10, session_factory=opener)
     rows = []
     for (runtime, kind), path in files.items():
         gate = "passed"
         if kind == "int8":
-            verdict = int8_verdict(predictions[(runtime, kind)], predictions[(runtime, "fp32")], reference, MAX_DROP,
-                                   f"{runtime} mobilenet_v2", fallback=True)
+            verdict = int8_verdict(gate_predictions[(runtime, kind)], gate_predictions[(runtime, "fp32")], gate_labels,
+                                   MAX_DROP, f"{runtime} {stem}", fallback=True)
             gate = "passed" if verdict.deployable else verdict.reason
         (timing,) = timings[f"{runtime}-{kind}"]
-        rows.append({"model": "mobilenet_v2 (224², untrained)", "runtime": runtime, "kind": kind, "artifact": path.name,
+        mine = predictions[(runtime, kind)]
+        rows.append({"model": model_label, "runtime": runtime, "kind": kind, "artifact": path.name,
                      "p50_ms": timing["p50"], "p90_ms": timing["p90"], "size_bytes": path.stat().st_size,
-                     "quality": float(np.mean(predictions[(runtime, kind)] == reference)),
-                     "quality_kind": "agreement with torch fp32",
-                     "classes_predicted": int(len(np.unique(predictions[(runtime, kind)]))), "gate": gate})
-    info = {"export_s": export_s, "images": images, "reference_classes": int(len(np.unique(reference)))}
-    return rows, info
+                     "quality": float(np.mean(mine == eval_labels)), "quality_kind": quality_kind,
+                     "agreement_teacher": None if agreement_with is None else float(np.mean(mine == agreement_with)),
+                     "classes_predicted": int(len(np.unique(mine))), "gate": gate})
+    return rows, {"export_s": export_s}
+
+
+def mobilenet_rows(work: Path, images: int, iterations: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    calibration, test = smooth_images(32, 1).astype(np.float32), smooth_images(images, 2).astype(np.float32)
+    with torch.inference_mode():
+        reference = np.concatenate([model(torch.from_numpy(test[i:i + 16])).argmax(1).numpy()
+                                    for i in range(0, len(test), 16)])
+    rows, info = six_artifacts("mobilenet_v2 (224², untrained)", "mnv2", model, calibration, test, reference,
+                               "agreement with torch fp32", test, reference, work, iterations)
+    return rows, {**info, "images": images, "reference_classes": int(len(np.unique(reference)))}
+
+
+def student_from_run(run_dir: Path, config: Path, work: Path, iterations: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pruned student of a finished `edgekd run CONFIG`: test accuracy on its eval.npz (1,000 test images),
+    the int8 gate on its val.npz, calibrated on the quantize stage's calibration images (same seed, samples)."""
+    from edgekd.config import load_config
+    from edgekd.data.bundle import load_data
+    from edgekd.models import load_model
+    from edgekd.runtime.evaluate import load_eval_npz
+    from edgekd.stages.quantize.stage import calibration_inputs
+
+    cfg = load_config(config)
+    data = load_data(cfg.data, seed=cfg.seed)
+    calibration = calibration_inputs(data, cfg.quantize.calibration.samples, cfg.seed)
+    test, val = load_eval_npz(run_dir / "eval.npz"), load_eval_npz(run_dir / "val.npz")
+    shape = test.inputs.shape
+    model = load_model(run_dir / "pruned.pt", num_classes=len(data.meta.labels), in_channels=shape[1],
+                       input_size=shape[2]).eval()
+    rows, info = six_artifacts("student (pruned, default pipeline)", "pruned", model, calibration, test.inputs,
+                               test.labels, "test accuracy", val.inputs, val.labels, work, iterations,
+                               agreement_with=test.teacher_predictions)
+    return rows, {**info, "run": str(run_dir), "calibration_samples": len(calibration)}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -157,12 +197,17 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", choices=("student", "mobilenet_v2"), help="measure one of the two models")
+    parser.add_argument("--student-run", type=Path, help="a finished `edgekd run CONFIG` directory: take its pruned "
+                        "student instead of running the pipeline (the files are made here the way the stages make them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgekd-mobile-") as temp:
         work = args.keep or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        student, student_info = student_rows(args.config.resolve(), work) if args.only != "mobilenet_v2" else ([], {})
+        student, student_info = [], {}
+        if args.only != "mobilenet_v2":
+            student, student_info = (student_from_run(args.student_run, args.config, work, args.iterations)
+                                     if args.student_run else student_rows(args.config.resolve(), work))
         mnv2, mnv2_info = mobilenet_rows(work, args.images, args.iterations) if args.only != "student" else ([], {})
     rows = student + mnv2
     print(f"started {started}; student run {student_info}; mobilenet_v2 {mnv2_info}")
