@@ -12,7 +12,8 @@ Needs the litert and executorch extras (pip install "edgekd[litert,executorch]")
    With `--student-run DIR` (a finished run of CONFIG) its pruned.pt is taken instead and the six files are
    made here as in 2., calibrated on the quantize stage's calibration images (CONFIG's seed and samples),
    accuracy on DIR/eval.npz (the test split), the int8 gate on DIR/val.npz (the validation split).
-2. mobilenet_v2 (torchvision, 224x224, untrained, seeded): the same six artifacts made the same way (ONNX
+2. mobilenet_v2 (torchvision, 224x224, untrained, seeded; BatchNorm statistics estimated on 64 smooth random
+   images, no training): the same six artifacts made the same way (ONNX
    via the export stage's exporter, ORT int8 with the quantize stage's default recipe for this CPU, LiteRT
    and ExecuTorch with the mobile stage's modules), calibrated on the same 32 images; `agreement` is top-1
    agreement with PyTorch fp32 on `--images` other images (untrained: there are no labels); every int8 file
@@ -146,7 +147,20 @@ def mobilenet_rows(work: Path, images: int, iterations: int) -> tuple[list[dict[
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    model = torchvision.models.mobilenet_v2(weights=None)
+    # No training, but BatchNorm statistics estimated on 64 other images (cumulative average): with its initial
+    # running stats (0, 1) the untrained network predicts one class for every input, which makes agreement
+    # (and the collapse check) meaningless.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    stats = torch.from_numpy(smooth_images(64, 3).astype(np.float32))
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(stats), 16):
+            model(stats[start:start + 16])
+    model.eval()
     calibration, test = smooth_images(32, 1).astype(np.float32), smooth_images(images, 2).astype(np.float32)
     with torch.inference_mode():
         reference = np.concatenate([model(torch.from_numpy(test[i:i + 16])).argmax(1).numpy()
