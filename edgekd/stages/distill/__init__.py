@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from typing import TYPE_CHECKING, Any
 
 from edgekd.runner.context import RunContext
@@ -66,7 +67,11 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     common = dict(device=device, seed=ctx.seed, batch_size=ctx.data_config.batch_size, eval_batch_size=eval_batch,
                   log=log.info)
 
-    objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint)
+    from edgekd.train import distributed
+
+    logits_folder = ctx.work_folder("distill-teacher-logits") if distributed.is_main() else None
+    objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint,
+                                  cache_dir=logits_folder)
     log.info(
         "  KD: T=%g alpha=%g%s, teacher logits %s", settings.temperature, settings.alpha,
         f", hint {hint.layers['teacher']} <- {hint.layers['student']} (beta={hint.weight:g})" if hint else "",
@@ -76,7 +81,9 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         result = fit(student, data, settings, objective=objective, desc="distill", reference_val_logits=teacher_val,
                      config_key="distill", **common)
     finally:
-        objective.close()  # removes the hint hooks from the student before it is saved or reused
+        objective.close()  # removes the hint hooks from the student before it is saved or reused, and the cache
+        if logits_folder is not None:
+            shutil.rmtree(logits_folder, ignore_errors=True)
     student_test = predict(student, data.test, data, device, eval_batch)
 
     metrics: dict[str, Any] = {
@@ -97,6 +104,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         "cache": {"enabled": True, **objective.cache.stats()} if objective.cache is not None
         else {"enabled": False, "hits": 0, "misses": 0, "hit_rate": None},
         "train_wall_s": result.wall_s,
+        "data_loader": result.loader,
         "baseline_test_accuracy": None,
         "baseline_test_agreement": None,
         "baseline_history": None,
@@ -120,6 +128,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
             baseline_history=base.history,
             baseline_best_epoch=base.best_epoch,
             baseline_train_wall_s=base.wall_s,
+            baseline_data_loader=base.loader,
             baseline_mode_check=base.mode_check,
         )
         metrics["kd_gain"] = round(metrics["student_test_accuracy"] - metrics["baseline_test_accuracy"], 6)

@@ -24,6 +24,15 @@ from edgekd.stages.export.exporter import ort_sidecars
 
 log = logging.getLogger("edgekd")
 
+EVAL_MAX_BYTES = 256 << 20  # per eval/val file: a seeded sample of larger splits (photos at 224: ~440 images)
+
+
+def eval_sample_limit(input_shape: tuple[int, ...]) -> int:
+    """How many float32 inputs of this shape fit in EVAL_MAX_BYTES (the bundled datasets' splits all do)."""
+    per_sample = 4 * int(np.prod(input_shape))
+    return max(64, EVAL_MAX_BYTES // per_sample)
+
+
 def models_to_export(ctx: RunContext, depends_on: tuple[str, ...]) -> list[str]:
     """Checkpoint names (teacher, student, ...) written by the stages export depends on, in report order."""
     names = {artifact[:-3] for stage in depends_on for artifact in ctx.manifest.artifacts(stage) if artifact.endswith(".pt")}
@@ -51,8 +60,9 @@ def export_stage(opts: ExportConfig, ctx: RunContext, depends_on: tuple[str, ...
 
     data, meta = ctx.data, ctx.data.meta
     preprocess = meta.preprocess()
-    val_x, val_y = data.normalized("val")
-    test_x, test_y = data.normalized("test")
+    limit = eval_sample_limit(meta.input_shape)
+    val_x, val_y = data.normalized("val", limit=limit, seed=ctx.seed)
+    test_x, test_y = data.normalized("test", limit=limit, seed=ctx.seed)
     batch_sizes = list(dict.fromkeys(opts.parity_batch_sizes)) if opts.dynamic_batch else [1]
     staging = ctx.work_folder("export")  # a killed run's staging folder is removed with it
     try:
@@ -96,8 +106,8 @@ def export_stage(opts: ExportConfig, ctx: RunContext, depends_on: tuple[str, ...
     metrics = {
         "models": models, "preprocess": preprocess, "labels": list(meta.labels),
         "dynamo": opts.dynamo, "opset_requested": opts.opset,
-        "eval": {"path": EVAL_ARTIFACT, "split": "test", "samples": len(test_y)},
-        "val": {"path": VAL_ARTIFACT, "split": "val", "samples": len(val_y)},
+        "eval": {"path": EVAL_ARTIFACT, "split": "test", "samples": len(test_y), "of": len(data.test)},
+        "val": {"path": VAL_ARTIFACT, "split": "val", "samples": len(val_y), "of": len(data.val)},
     }
     worst = max((r["max_abs_diff"] for m in models.values() for r in m["parity"]), default=0.0)
     opsets = sorted({m["opset_written"] for m in models.values()})

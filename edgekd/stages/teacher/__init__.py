@@ -49,7 +49,8 @@ def run(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
             batch_size=batches.batch_size, eval_batch_size=batches.eval_batch_size, log=log.info,
             config_key="teacher.train",
         )
-        metrics.update(source="trained", history=result.history, best_epoch=result.best_epoch, train_wall_s=result.wall_s)
+        metrics.update(source="trained", history=result.history, best_epoch=result.best_epoch, train_wall_s=result.wall_s,
+                       data_loader=result.loader)
     val_accuracy = accuracy(predict(model, data.val, data, ctx.device, batches.eval_batch_size), data.val.labels)
     metrics["mode_check"] = (result.mode_check if teacher.checkpoint is None else
                              check_modes(model, data, ctx.device, val_accuracy, batches.eval_batch_size, "teacher",
@@ -62,7 +63,11 @@ def run(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
 
 def _data_summary(data: Any) -> dict[str, Any]:
     meta = data.meta
-    return {
+    summary = {
         "dataset": meta.dataset, "num_classes": meta.num_classes, "input_shape": list(meta.input_shape),
         "mean": meta.mean, "std": meta.std, "labels": meta.labels, "split_sizes": meta.split_sizes,
     }
+    if meta.streamed:  # image files: how they become inputs, and what could not be read
+        summary.update(resize=meta.resize, crop=list(meta.crop) if meta.crop else None,
+                       skipped_images=data.skipped_summary())
+    return summary
