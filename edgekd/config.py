@@ -182,7 +182,10 @@ def _check_paths_exist(cfg: PipelineConfig, source: str) -> None:
                               f"(expected a torch.save file; it starts with {head!r})")
     for key, folder in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
         downloadable = key == "data.root" and cfg.data.dataset == "cifar10" and cfg.data.download
-        if folder is not None and not folder.is_dir() and not downloadable:
+        if cfg.data.dataset == "filelist":  # a .csv / .jsonl list of path,label
+            if folder is not None and not folder.is_file():
+                raise ConfigError(f"{source}: {key}: no such file list: {folder}")
+        elif folder is not None and not folder.is_dir() and not downloadable:
             raise ConfigError(f"{source}: {key}: no such folder: {folder}")
 
 

@@ -1,0 +1,259 @@
+"""Image files streamed by the DataLoader: layouts, file lists, bad images, the preprocessing contract against
+a direct PIL computation, determinism with workers, DistributedSampler shards, the memmapped teacher-logit
+cache and the loader's wait fraction. Tiny images, a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekd.config import validate_config
+from edgekd.data.bundle import FileSplit, load_data
+from edgekd.errors import ConfigError, InputError
+
+CPU = torch.device("cpu")
+
+
+def _cfg(**data):
+    return validate_config({"data": data}).data
+
+
+def _photo(path: Path, size: tuple[int, int], value: int, mode: str = "RGB") -> None:
+    """A smooth gradient image (so resampling differences show), `size` = (width, height)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (xx * 3 + yy * 2 + value) % 256
+    if mode == "RGB":
+        pixels = np.stack([base, (base + 60) % 256, (255 - base)], axis=-1).astype(np.uint8)
+    else:
+        pixels = base.astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(pixels, mode).save(path)
+
+
+SIZES = [(40, 30), (31, 47), (64, 64), (50, 21), (23, 60), (37, 37)]
+
+
+def _folder(root: Path, classes=("cat", "dog"), per_class=6) -> Path:
+    for label, name in enumerate(classes):
+        for i in range(per_class):
+            suffix = ".png" if i % 2 else ".jpg"
+            _photo(root / name / f"{i}{suffix}", SIZES[i % len(SIZES)], value=label * 100 + i * 7)
+    return root
+
+
+def _reference(path: Path, resize: int, crop: int, mean, std) -> np.ndarray:
+    """The contract computed directly with PIL (independent of edgekd's code)."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    w, h = image.size
+    if w <= h:
+        size = (resize, int(resize * h / w))
+    else:
+        size = (int(resize * w / h), resize)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    W, H = image.size
+    top, left = int(round((H - crop) / 2.0)), int(round((W - crop) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32).transpose(2, 0, 1)
+    return (pixels * np.float32(1 / 255) - np.float32(mean).reshape(-1, 1, 1)) / np.float32(std).reshape(-1, 1, 1)
+
+
+def test_eval_path_equals_direct_pil_reference_and_records_the_contract(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "photos")
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), resize=24, crop=20, num_workers=0,
+                          mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]), 0)
+    assert data.meta.input_shape == (3, 20, 20) and data.meta.streamed
+    split = data.test
+    ours = data.sample(split, np.arange(len(split))).numpy()
+    for row, file in enumerate(split.files):
+        expected = _reference(Path(file), 24, 20, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+        # torch divides by 255 where the contract multiplies by 1/255: float32 rounding only
+        assert np.abs(ours[row] - expected).max() < 1e-5, file
+    record = data.meta.preprocess()
+    assert record == {
+        "format": "edgekd-preprocess/2", "input_name": "input", "output_name": "logits", "layout": "NCHW",
+        "color": "RGB", "channels": 3, "resize": 24, "crop": [20, 20], "height": 20, "width": 20,
+        "interpolation": "bilinear", "antialias": True, "scale": 1 / 255, "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3], "formula": "input = (pixel * scale - mean[c]) / std[c]",
+    }
+    from edgekd.stages.export.exporter import build_metadata
+
+    metadata = build_metadata(labels=data.meta.labels, preprocess=record, artifact="student", source_artifact="x.pt")
+    assert json.loads(metadata["preprocess"]) == record
+
+
+def test_non_square_crop_grey_and_sixteen_bit_images_follow_the_contract(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    _folder(root)
+    wide = np.arange(30 * 44, dtype=np.uint16).reshape(30, 44) * 40
+    Image.fromarray(wide).save(root / "cat" / "sixteen.png")  # PIL opens it as I;16
+    Image.new("CMYK", (33, 29), (10, 200, 30, 5)).save(root / "dog" / "cmyk.jpg")
+    Image.new("RGBA", (25, 35), (200, 10, 10, 0)).save(root / "dog" / "alpha.png")
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), resize=20, crop=[16, 20], channels=1,
+                          num_workers=0, mean=[0.5], std=[0.25], test_fraction=0.5), 0)
+    assert data.meta.input_shape == (1, 16, 20) and data.meta.preprocess()["color"] == "L"
+    from edgekd.data.images import reference_input
+
+    everything = FileSplit(data.train.files + data.val.files + data.test.files,
+                           torch.cat([data.train.labels, data.val.labels, data.test.labels]), "all")
+    ours = data.sample(everything, np.arange(len(everything))).numpy()
+    for row, file in enumerate(everything.files):
+        assert np.abs(ours[row] - reference_input(file, data.meta.preprocess())[0]).max() < 1e-5
+    sixteen = everything.files.index(str(root / "cat" / "sixteen.png"))
+    image = Image.fromarray((wide >> 8).astype(np.uint8), "L").resize((29, 20), Image.BILINEAR)  # 44x30 -> 29x20
+    left = int(round((29 - 20) / 2.0))
+    expected = (np.asarray(image.crop((left, 2, left + 20, 18)), np.float32) / 255 - 0.5) / 0.25
+    assert np.abs(ours[sixteen][0] - expected).max() < 1e-5
+
+
+def test_train_val_test_layout_and_csv_and_jsonl_lists(tmp_path: Path) -> None:
+    layered = tmp_path / "layered"
+    _folder(layered / "train")
+    _folder(layered / "val", per_class=2)
+    _folder(layered / "test", per_class=3)
+    data = load_data(_cfg(dataset="imagefolder", root=str(layered), image_size=8, num_workers=0), 0)
+    assert data.meta.split_sizes == {"train": 12, "val": 4, "test": 6} and data.meta.labels == ["cat", "dog"]
+
+    photos = _folder(tmp_path / "list" / "photos")
+    rows = [(f"photos/{name}/{i}{'.png' if i % 2 else '.jpg'}", name) for name in ("cat", "dog") for i in range(6)]
+    (tmp_path / "list" / "all.csv").write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
+    (tmp_path / "list" / "all.jsonl").write_text("".join(
+        json.dumps({"path": p, "label": label, "split": "test" if i % 4 == 0 else "train"}) + "\n"
+        for i, (p, label) in enumerate(rows)))
+    from_csv = load_data(_cfg(dataset="filelist", root=str(tmp_path / "list" / "all.csv"), image_size=8,
+                              num_workers=0, val_fraction=0.2), 0)
+    assert sum(from_csv.meta.split_sizes.values()) == 12 and from_csv.meta.labels == ["cat", "dog"]
+    assert all(Path(f).is_relative_to(photos) for f in from_csv.train.files)
+    from_jsonl = load_data(_cfg(dataset="filelist", root=str(tmp_path / "list" / "all.jsonl"), image_size=8,
+                                num_workers=0, val_fraction=0.2), 0)
+    assert from_jsonl.meta.split_sizes["test"] == 3  # the rows marked test, nothing else
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("photos/cat/0.jpg,cat\nphotos/cat/77.png,cat\nphotos/dog/1.png,dog\n", r"all\.csv: line 3: no such image file: .*77\.png$"),
+    ("photos/cat/0.jpg,cat\nphotos/dog/1.png,dog\nphotos/dog/3.png,horse,val\n",
+     r"all\.csv: line 4: unknown label 'horse' \(the training labels are: cat, dog\)$"),
+    ("photos/cat/0.jpg,cat\nphotos/dog/1.png,\n", r"all\.csv: line 3: empty label$"),
+], ids=["missing-file", "unknown-label", "empty-label"])
+def test_file_list_errors_name_the_line(tmp_path: Path, rows: str, message: str) -> None:
+    _folder(tmp_path / "photos")
+    header = "path,label,split\n" if "val" in rows else "path,label\n"
+    (tmp_path / "all.csv").write_text(header + rows)
+    with pytest.raises(InputError, match=message):
+        load_data(_cfg(dataset="filelist", root=str(tmp_path / "all.csv"), image_size=8, num_workers=0), 0)
+
+
+def test_crop_larger_than_resize_is_a_one_line_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.crop: \[20, 40\] does not fit in resize 32 \(crop <= resize\)$"):
+        validate_config({"data": {"dataset": "imagefolder", "root": str(_folder(tmp_path / "p")), "resize": 32,
+                                  "crop": [20, 40]}})
+    with pytest.raises(InputError, match=r"data\.crop: \[64, 64\] does not fit in data\.resize 48"):  # mixed with defaults
+        load_data(_cfg(dataset="imagefolder", root=str(tmp_path / "p"), crop=64, num_workers=0), 0,
+                  defaults={"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.2] * 3})
+
+
+def test_pretrained_defaults_fill_what_the_config_leaves_unset(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "p")
+    defaults = {"resize": 28, "crop": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), num_workers=0), 0, defaults=defaults)
+    assert (data.meta.resize, data.meta.crop, data.meta.mean) == (28, (24, 24), defaults["mean"])
+    own = load_data(_cfg(dataset="imagefolder", root=str(root), resize=20, crop=16, num_workers=0), 0, defaults=defaults)
+    assert (own.meta.resize, own.meta.crop, own.meta.mean) == (20, (16, 16), defaults["mean"])
+    legacy = load_data(_cfg(dataset="imagefolder", root=str(root), num_workers=0), 0)
+    assert (legacy.meta.resize, legacy.meta.crop, legacy.meta.input_shape) == (None, None, (3, 32, 32))
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_bad_image_error_names_the_file_or_is_skipped_and_counted(tmp_path: Path, policy: str) -> None:
+    from edgekd.train.loop import accuracy, predict
+
+    root = _folder(tmp_path / "p", per_class=8)
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 8)
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), image_size=8, num_workers=0, on_bad_image=policy,
+                          val_fraction=0.3, test_fraction=0.3, limit=None), 0)
+    splits = [s for s in (data.train, data.val, data.test) if any(f.endswith("broken.png") for f in s.files)]
+    split = splits[0]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    if policy == "error":
+        with pytest.raises(InputError, match=r"broken\.png: unreadable image"):
+            predict(model, split, data, CPU, batch_size=4)
+        return
+    logits = predict(model, split, data, CPU, batch_size=4)
+    assert logits.shape == (len(split), 2)
+    assert int(torch.isnan(logits).all(1).sum()) == 1  # the skipped row, left out of the accuracy
+    assert 0.0 <= accuracy(logits, split.labels) <= 1.0
+    assert data.skipped_summary() == {split.name: 1}
+
+
+def _batches(data, workers: int, epoch: int, **kwargs):
+    data.config.num_workers = workers
+    data.close()
+    source = data.batches(data.train, 4, CPU, shuffle=True, seed=5, augment=True, **kwargs)
+    return [(x.clone(), y.clone(), i.clone()) for x, y, i in source.epoch(epoch)]
+
+
+def test_augmented_batches_are_identical_with_and_without_workers_and_change_per_epoch(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "p")
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), resize=24, crop=16, num_workers=0,
+                          augment={"policy": "trivialaugment"}), 0)
+    single = _batches(data, 0, epoch=1)
+    workers = _batches(data, 2, epoch=1)
+    assert len(single) == len(workers) == math.ceil(len(data.train) / 4)
+    for (xa, ya, ia), (xb, yb, ib) in zip(single, workers):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+    other_epoch = _batches(data, 2, epoch=2)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(single, other_epoch))
+    data.close()
+
+
+def test_distributed_shards_are_disjoint_and_cover_the_split(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "p", per_class=7)
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), image_size=8, num_workers=0, val_fraction=0.1,
+                          test_fraction=0.1), 0)
+    shards = [torch.cat([i for _, _, i in data.batches(data.train, 3, CPU, shuffle=True, seed=1, rank=rank,
+                                                       world_size=2).epoch(0)]) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == math.ceil(len(data.train) / 2)
+    assert set(shards[0].tolist()) | set(shards[1].tolist()) == set(range(len(data.train)))
+    if len(data.train) % 2 == 0:
+        assert not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+def test_teacher_logit_cache_is_a_memmap_in_the_given_folder_and_removed_on_close(tmp_path: Path) -> None:
+    from edgekd.train.objectives import TeacherLogitCache
+
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    inputs = torch.randn(10, 12)
+    cache = TeacherLogitCache(num_samples=10, num_classes=3, folder=tmp_path / "work")
+    assert isinstance(cache.logits, np.memmap) and cache.path.is_file()
+    first = cache.get(teacher, inputs[:6], torch.arange(6))
+    again = cache.get(teacher, inputs[:6] * 0, torch.arange(6))  # served from the file, not recomputed
+    assert torch.equal(first, again) and cache.stats()["hits"] == 6
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(np.array(np.load(cache.path, mmap_mode="r")[:6])), teacher(inputs[:6]))
+    cache.close()
+    assert not cache.path.exists()
+
+
+def test_fit_on_streamed_files_records_the_loader_wait_fraction(tmp_path: Path) -> None:
+    from edgekd.train.config import TrainConfig
+    from edgekd.train.loop import fit
+
+    root = _folder(tmp_path / "p")
+    data = load_data(_cfg(dataset="imagefolder", root=str(root), resize=20, crop=16, num_workers=1,
+                          val_fraction=0.2), 0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    result = fit(model, data, TrainConfig(epochs=2, augment=True, bn_recalibration_batches=1), device=CPU, seed=0,
+                 batch_size=4, log=lambda _: None)
+    loader = result.loader
+    assert 0.0 <= loader["wait_fraction"] <= 1.0 and loader["streamed"] is True and loader["num_workers"] == 1
+    assert loader["step_s"] > 0 and all(row["loader_wait_s"] >= 0 for row in result.history)
+    data.close()
