@@ -17,7 +17,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edgekd.data.images import BadImage, EvalTransform, decode, to_chw
 
-if TYPE_CHECKING:
-    from edgekd.data.bundle import DataBundle, FileSplit, Split
-
+# The splits and the bundle (edgekd.data.bundle, which imports this module) are typed by what is used of them:
+DataBundle = Split = FileSplit = Any
 SHIFT_PIXELS = 2
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -254,10 +253,8 @@ class StreamBatches:
 def load_files(data: DataBundle, split: FileSplit, indices: list[int]) -> torch.Tensor:
     """uint8 (N, C, H, W) of the given samples of a file split, eval transform (unreadable ones skipped or
     raised as configured)."""
-    from edgekd.data.bundle import FileSplit as Files
-
-    subset = Files([split.files[i] for i in indices], split.labels[torch.as_tensor(indices, dtype=torch.long)],
-                   split.name)
+    subset = type(split)([split.files[i] for i in indices], split.labels[torch.as_tensor(indices, dtype=torch.long)],
+                         split.name)
     source = StreamBatches(subset, data, 64, torch.device("cpu"), raw=True)
     try:
         parts = [images for images, _, _ in source.epoch(0)]
