@@ -257,3 +257,22 @@ def test_fit_on_streamed_files_records_the_loader_wait_fraction(tmp_path: Path) 
     assert 0.0 <= loader["wait_fraction"] <= 1.0 and loader["streamed"] is True and loader["num_workers"] == 1
     assert loader["step_s"] > 0 and all(row["loader_wait_s"] >= 0 for row in result.history)
     data.close()
+
+
+def test_benchmark_accuracy_over_streamed_batches_equals_the_whole_array(tmp_path: Path) -> None:
+    import onnx
+    from onnx_models import tiny_classifier
+
+    from edgekd.runtime.evaluate import EvalData
+    from edgekd.stages.benchmark.measure import Artifact, evaluate_artifacts, evaluate_artifacts_streamed
+
+    artifacts = []
+    for seed, name in enumerate(("teacher", "student")):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(tiny_classifier(channels=3, size=8, classes=3, seed=seed), str(path))
+        artifacts.append(Artifact(name, "fp32", path.name, path, None, None))
+    rng = np.random.default_rng(0)
+    inputs, labels = rng.normal(size=(50, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, 50)
+    whole = evaluate_artifacts(artifacts, EvalData(inputs, labels), 1, None)
+    batches = ((inputs[i:i + 16], labels[i:i + 16]) for i in range(0, 50, 16))
+    assert evaluate_artifacts_streamed(artifacts, batches, 1, None) == whole
