@@ -276,3 +276,27 @@ def test_benchmark_accuracy_over_streamed_batches_equals_the_whole_array(tmp_pat
     whole = evaluate_artifacts(artifacts, EvalData(inputs, labels), 1, None)
     batches = ((inputs[i:i + 16], labels[i:i + 16]) for i in range(0, 50, 16))
     assert evaluate_artifacts_streamed(artifacts, batches, 1, None) == whole
+
+
+def test_report_gives_each_trainings_loader_wait_and_flags_a_loader_bottleneck(tmp_path: Path) -> None:
+    from report_fixture import make_manifest
+
+    from edgekd.gate.budgets import normalize_budgets
+    from edgekd.report.build import build_report
+    from edgekd.report.markdown import render_markdown
+    from edgekd.runner.contract import Manifest
+
+    manifest = make_manifest(tmp_path).to_json()
+    slow = {"wait_fraction": 0.42, "images_per_s": 35.0, "streamed": True, "num_workers": 2, "bottleneck": True,
+            "advice": "the data loader is the bottleneck (42% of the step time waiting for images): raise "
+                      "data.num_workers (now 2)"}
+    manifest["stages"]["teacher"]["metrics"]["data_loader"] = {**slow, "wait_fraction": 0.01, "bottleneck": False,
+                                                                "advice": None}
+    manifest["stages"]["distill"]["metrics"]["data_loader"] = slow
+    report = build_report(Manifest.from_json(manifest, "m"), tmp_path, normalize_budgets({}))
+    assert [(row["training"], row["wait_fraction"]) for row in report["data_loading"]] == [("teacher", 0.01),
+                                                                                         ("distill", 0.42)]
+    assert [f["message"] for f in report["flags"] if f["kind"] == "loader_bottleneck"] == [
+        f"distill: {slow['advice']}"]
+    text = render_markdown(report, [])
+    assert "## Data loading" in text and "| distill | 42.0% | 35.0 | 2 | bottleneck |" in text
