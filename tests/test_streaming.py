@@ -300,3 +300,55 @@ def test_report_gives_each_trainings_loader_wait_and_flags_a_loader_bottleneck(t
         f"distill: {slow['advice']}"]
     text = render_markdown(report, [])
     assert "## Data loading" in text and "| distill | 42.0% | 35.0 | 2 | bottleneck |" in text
+
+
+RANK_SCRIPT = '''
+import json, sys, torch
+from pathlib import Path
+from edgekd.config import validate_config
+from edgekd.data.bundle import load_data
+from edgekd.train import distributed
+from edgekd.train.config import TrainConfig
+from edgekd.train.loop import fit
+
+distributed.init("cpu")
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = validate_config({"data": {"dataset": "imagefolder", "root": str(root), "resize": 20, "crop": 16,
+                                "num_workers": 1, "val_fraction": 0.2}}).data
+data = load_data(cfg, seed=0)
+rank, world = distributed.rank(), distributed.world_size()
+seen = torch.cat([i for _, _, i in data.batches(data.train, 4, torch.device("cpu"), shuffle=True, seed=0,
+                                                 rank=rank, world_size=world, augment=True).epoch(1)]).tolist()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(4, 2))
+result = fit(model, data, TrainConfig(epochs=1, bn_recalibration_batches=0), device=torch.device("cpu"), seed=0,
+             batch_size=4, log=lambda _: None)
+(out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "train": len(data.train),
+                                                  "weights": float(sum(p.sum() for p in model.parameters())),
+                                                  "wait": result.loader["wait_fraction"]}))
+data.close()
+distributed.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_read_disjoint_shards_of_the_files_and_train_one_model(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path / "p", per_class=9)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(root), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "EDGEKD_DIST_TIMEOUT_S": "120"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    train = ranks[0]["train"]
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == math.ceil(train / 2)
+    assert set(ranks[0]["seen"]) | set(ranks[1]["seen"]) == set(range(train))
+    assert len(set(ranks[0]["seen"]) & set(ranks[1]["seen"])) == 2 * math.ceil(train / 2) - train  # padding only
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)  # DDP: one model on both ranks
