@@ -248,7 +248,8 @@ def test_fit_on_streamed_files_records_the_loader_wait_fraction(tmp_path: Path) 
 
     root = _folder(tmp_path / "p")
     data = load_data(_cfg(dataset="imagefolder", root=str(root), resize=20, crop=16, num_workers=1,
-                          val_fraction=0.2), 0)
+                          val_fraction=0.2, augment={"policy": "randaugment", "mixup_alpha": 0.2,
+                                                     "cutmix_alpha": 1.0}), 0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
     result = fit(model, data, TrainConfig(epochs=2, augment=True, bn_recalibration_batches=1), device=CPU, seed=0,
@@ -256,6 +257,7 @@ def test_fit_on_streamed_files_records_the_loader_wait_fraction(tmp_path: Path) 
     loader = result.loader
     assert 0.0 <= loader["wait_fraction"] <= 1.0 and loader["streamed"] is True and loader["num_workers"] == 1
     assert loader["step_s"] > 0 and all(row["loader_wait_s"] >= 0 for row in result.history)
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)  # soft mixup/cutmix targets
     data.close()
 
 

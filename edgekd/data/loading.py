@@ -152,7 +152,10 @@ class ImageFiles(Dataset):
 
     def __init__(self, files: list[str], labels: np.ndarray, transform: EvalTransform,
                  train_transform: Callable[[Any], Any] | None, seed: int) -> None:
-        self.files, self.labels = files, labels
+        # one numpy array of bytes, not a list of str: forked workers reading a million Python objects would
+        # touch (and so copy) every page holding their reference counts
+        self.files = np.asarray([os.fsencode(f) for f in files])
+        self.labels = np.asarray(labels, dtype=np.int64)
         self.transform, self.train_transform, self.seed = transform, train_transform, seed
 
     def __len__(self) -> int:
@@ -162,7 +165,7 @@ class ImageFiles(Dataset):
         index, epoch = key
         label = int(self.labels[index])
         try:
-            image = decode(self.files[index], self.transform.color)
+            image = decode(os.fsdecode(self.files[index]), self.transform.color)
             if self.train_transform is None:
                 image = self.transform.apply(image)
             else:  # torchvision's random transforms draw from torch's global generator: seed it per sample
