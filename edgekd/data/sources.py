@@ -1,4 +1,5 @@
-"""Readers for each dataset kind; each returns uint8 (N, C, H, W) images and int64 labels."""
+"""Readers for each dataset kind: the small in-memory ones return uint8 (N, C, H, W) images and int64 labels
+(`Loaded`); image files (imagefolder, filelist) return paths and labels only (`Listed`)."""
 
 from __future__ import annotations
 
@@ -312,10 +313,33 @@ def _read_list(path: Path) -> list[tuple[int, str, str, str | None]]:
     return rows
 
 
+_LISTED: dict[tuple, tuple[dict[str, tuple[list[str], list[int]]], list[str]]] = {}
+
+
 def _list_files(path: Path, class_names: list[str] | None) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
     """Rows of a file list grouped by split ("" when the list has no split column), and the class names
     (sorted labels of the training rows unless given). A missing file or an unknown label is an InputError
-    naming the list, the line and the value."""
+    naming the list, the line and the value. Remembered per list file version: the pre-flight, the dataset
+    signature and the loading of one run read a large list once."""
+    try:
+        stat = path.stat()
+        key: tuple | None = (str(path), stat.st_size, stat.st_mtime_ns, tuple(class_names or ()))
+    except OSError:
+        key = None
+    if key is not None and key in _LISTED:
+        groups, names = _LISTED[key]
+        return {split: (list(files), list(labels)) for split, (files, labels) in groups.items()}, list(names)
+    result = _list_files_uncached(path, class_names)
+    if key is not None:
+        while len(_LISTED) >= 2:  # a training list and its validation list
+            _LISTED.pop(next(iter(_LISTED)))
+        _LISTED[key] = result
+        return {split: (list(files), list(labels)) for split, (files, labels) in result[0].items()}, list(result[1])
+    return result
+
+
+def _list_files_uncached(path: Path, class_names: list[str] | None,
+                         ) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
     rows = _read_list(path)
     if not rows:
         raise InputError(f"{path}: the file list is empty")
