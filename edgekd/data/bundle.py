@@ -133,7 +133,7 @@ class DataBundle:
                 augment=augment)
         return source
 
-    def _evict_sources(self, keep: int = 4) -> None:
+    def _evict_sources(self, keep: int = 6) -> None:
         """At most `keep` loaders (each with its idle worker processes) stay alive."""
         while len(self._sources) >= keep:
             self._sources.pop(next(iter(self._sources))).close()
