@@ -354,3 +354,19 @@ def test_torchrun_ranks_read_disjoint_shards_of_the_files_and_train_one_model(tm
     assert set(ranks[0]["seen"]) | set(ranks[1]["seen"]) == set(range(train))
     assert len(set(ranks[0]["seen"]) & set(ranks[1]["seen"])) == 2 * math.ceil(train / 2) - train  # padding only
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)  # DDP: one model on both ranks
+
+
+def test_eval_arrays_are_a_seeded_sample_of_a_large_split_and_the_whole_of_a_small_one(tmp_path: Path) -> None:
+    from edgekd.stages.export.stage import eval_sample_limit
+
+    assert eval_sample_limit((1, 28, 28)) > 10_000 and eval_sample_limit((3, 32, 32)) >= 10_000  # bundled: all
+    assert 400 <= eval_sample_limit((3, 224, 224)) < 500  # photos: a bounded sample (256 MiB of float32)
+    data = load_data(_cfg(dataset="imagefolder", root=str(_folder(tmp_path / "p", per_class=10)), image_size=8,
+                          num_workers=0, test_fraction=0.4), 0)
+    inputs, labels = data.normalized("test", limit=5, seed=1)
+    again, _ = data.normalized("test", limit=5, seed=1)
+    assert inputs.shape == (5, 3, 8, 8) and np.array_equal(inputs, again)
+    sample = data.subset("test", 5, seed=1)
+    assert set(sample.files) <= set(data.test.files) and list(sample.files) == sorted(sample.files, key=data.test.files.index)
+    whole, whole_labels = data.normalized("test", limit=100)
+    assert len(whole) == len(data.test) and np.array_equal(whole_labels, data.test.labels.numpy())
