@@ -370,3 +370,25 @@ def test_eval_arrays_are_a_seeded_sample_of_a_large_split_and_the_whole_of_a_sma
     assert set(sample.files) <= set(data.test.files) and list(sample.files) == sorted(sample.files, key=data.test.files.index)
     whole, whole_labels = data.normalized("test", limit=100)
     assert len(whole) == len(data.test) and np.array_equal(whole_labels, data.test.labels.numpy())
+
+
+def test_signature_follows_the_file_list_and_the_transform_but_not_the_worker_count(tmp_path: Path) -> None:
+    import os
+
+    from edgekd.data.sources import dataset_signature
+
+    _folder(tmp_path / "photos")
+    listing = tmp_path / "all.csv"
+    listing.write_text("path,label\nphotos/cat/0.jpg,cat\nphotos/dog/1.png,dog\n")
+    base = {"data": {"dataset": "filelist", "root": str(listing), "resize": 24, "crop": 20}}
+    cfg = validate_config(base)
+    first = dataset_signature(cfg.data)
+    assert first["files"] == 3  # the list and the two images it names
+    image = tmp_path / "photos" / "dog" / "1.png"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # a rewritten image
+    assert dataset_signature(cfg.data)["digest"] != first["digest"]
+    listing.write_text("path,label\nphotos/cat/0.jpg,cat\nphotos/dog/3.png,dog\n")
+    assert dataset_signature(cfg.data)["digest"] != first["digest"]
+    views = [validate_config({"data": {**base["data"], **extra}}).data_view()["data"]
+             for extra in ({}, {"num_workers": 0, "prefetch_factor": 8}, {"crop": 16})]
+    assert views[0] == views[1] and views[0] != views[2]
