@@ -562,7 +562,7 @@ def test_bad_input_matrix_covers_every_category_with_at_least_60_cases() -> None
 
 def test_run_writes_junit_with_an_error_case_when_a_stage_fails(tmp_path: Path) -> None:
     """CI reads a failed run from --junit too: one <error> case naming the stage and the cause."""
-    write_config(tmp_path, imagefolder())
+    write_config(tmp_path, imagefolder(val_fraction=0.2))  # 6 images: one for validation
     corrupt_image(tmp_path)
     proc = run_edgekd("run", "pipeline.yaml", "--junit", "ci/junit.xml", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
