@@ -80,9 +80,11 @@ class RunContext:
 
         return load_data(self.data_config, seed=self.seed)
 
-    def build_model(self, spec: str, kwargs: dict[str, Any], field: str) -> Any:
-        """An untrained model shaped for this run's data, its initial weights drawn from the run's seed
-        (so two runs of one config start from, and end with, the same weights)."""
+    def build_model(self, spec: str, kwargs: dict[str, Any], field: str, *, weights: str | None = None,
+                    pretrained: bool = False, load_weights: bool = True) -> Any:
+        """A model shaped for this run's data, its initial weights drawn from the run's seed (so two runs of one
+        config start from, and end with, the same weights); with `weights` / `pretrained`, the pretrained
+        weights from the local cache and a fresh head (`load_weights=False`: the architecture only)."""
         import torch
 
         from edgekd.models import create_model
@@ -90,7 +92,8 @@ class RunContext:
         meta = self.data.meta
         torch.manual_seed(self.seed)
         return create_model(spec, num_classes=meta.num_classes, in_channels=meta.channels, input_size=meta.height,
-                            kwargs=kwargs, field=field)
+                            kwargs=kwargs, field=field, weights=weights, pretrained=pretrained,
+                            load_weights=load_weights)
 
     def load_model(self, name: str, *, device: Any = None, written_here: bool = False) -> Any:
         """The model in checkpoint `name` (e.g. 'teacher.pt'), in eval mode on `device` (default: the run's).

@@ -24,6 +24,7 @@ from edgekd.errors import InputError, StageFailed
 from edgekd.train import distributed
 from edgekd.train.batchnorm import batchnorm_buffers, restore_batchnorm_buffers
 from edgekd.train.config import TrainConfig
+from edgekd.train.freeze import BackboneFreeze
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 
 SHIFT_PIXELS = 2
@@ -253,12 +254,14 @@ def fit(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     augment_generator = torch.Generator().manual_seed(seed + 7)
+    freeze = BackboneFreeze(model, cfg.freeze_backbone_epochs)
     result = FitResult()
     best_state = copy.deepcopy(model.state_dict())
     best_seen = 0.0
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         trained.train()
+        frozen = freeze.start_epoch(epoch)
         epoch_started = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
@@ -276,6 +279,7 @@ def fit(
                 raise StageFailed(f"{desc}: loss became {float(loss.detach())} at epoch {epoch}, step {step} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            freeze.drop_backbone_grads()
             distributed.average_gradients(objective.extra_parameters())  # DDP syncs only the model's own
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
@@ -290,6 +294,8 @@ def fit(
         sums = distributed.all_reduce_sums({**sums, "_seen": float(seen)})
         seen = int(sums.pop("_seen"))
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        if frozen:
+            row["backbone_frozen"] = True
         row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
         val_logits = predict(model, data.val, data, device, eval_batch_size)
         if cfg.bn_recalibration_batches:
