@@ -157,6 +157,8 @@ class OnnxTeacher(nn.Module):
         self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         self._dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
             self._session.get_inputs()[0].type, np.float32)
+        self.num_parameters = onnx_parameters(self.path)
+        """Weights in the graph's initializers (what count_parameters gives a PyTorch teacher)."""
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         fixed = self.info.fixed_batch
@@ -182,6 +184,14 @@ class OnnxTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.path.name}, {self.info.layout}, {self.info.output_kind}"
+
+
+def onnx_parameters(path: str | Path) -> int:
+    """Number of weights stored in an ONNX file's initializers."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(tensor.dims)) for tensor in proto.graph.initializer)
 
 
 def nchw_copy(source: str | Path, target: str | Path, info: OnnxTeacherInfo) -> None:

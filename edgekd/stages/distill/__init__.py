@@ -67,7 +67,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         log.info("  student: starts from %s", student_spec.checkpoint.name)
     student.to(device)
     initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    teacher_params = getattr(teacher, "num_parameters", None) or count_parameters(teacher)  # ONNX: its initializers
+    student_params = count_parameters(student)
     check_sizes(student_params, teacher_params)
 
     hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names before any training

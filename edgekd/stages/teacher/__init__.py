@@ -96,9 +96,6 @@ def load_teacher(ctx: RunContext, *, device: Any = None) -> Any:
 def _onnx_teacher(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
     """Check the ONNX file against the data, copy it into the run directory (NCHW: an NHWC model gets a Transpose
     node in front), and measure it like a trained teacher."""
-    import numpy as np
-    import onnx
-
     from edgekd.models.onnx_teacher import OnnxTeacher, nchw_copy
     from edgekd.train.loop import accuracy, predict
 
@@ -109,8 +106,7 @@ def _onnx_teacher(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
     model = OnnxTeacher(ctx.path(ONNX_ARTIFACT), onnx_info(ctx.path(ONNX_ARTIFACT), data.meta))
     for note in info.adaptations():
         log.info("  teacher.onnx: %s", note)
-    proto = onnx.load(str(ctx.path(ONNX_ARTIFACT)), load_external_data=False)
-    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    params = model.num_parameters
     val_accuracy = accuracy(predict(model, data.val, data, ctx.device, eval_batch), data.val.labels)
     test_accuracy = accuracy(predict(model, data.test, data, ctx.device, eval_batch), data.test.labels)
     metrics: dict[str, Any] = {
