@@ -169,10 +169,6 @@ def test_bad_model_input_exits_2_with_one_line_and_writes_nothing(case: Case, ou
 # End to end
 
 
-def _report(folder: Path, name: str) -> dict[str, Any]:
-    return json.loads((folder / "runs" / name / "report.json").read_text())
-
-
 @pytest.mark.slow
 def test_run_with_an_nhwc_softmax_onnx_teacher_distills_and_benchmarks_against_it(tmp_path: Path) -> None:
     """A Keras-like teacher (NHWC input, softmax output): the run says what it adapts, distils from it, and the
@@ -189,14 +185,15 @@ def test_run_with_an_nhwc_softmax_onnx_teacher_distills_and_benchmarks_against_i
     export(NHWCInput(teacher, softmax=True), tmp_path / "keras_like.onnx", torch.zeros(2, SIZE, SIZE, 1))
     write_config(tmp_path, {"name": "onnx-teacher", "teacher": {"onnx": "keras_like.onnx"}, "prune": None,
                             "quantize": None, "distill": {"epochs": 3, "augment": False}}, base=WITHOUT_TEACHER)
-    proc = run_edgekd("run", "pipeline.yaml", cwd=tmp_path, timeout=600)
+    stages = [arg for stage in ("teacher", "distill", "export", "benchmark") for arg in ("--only", stage)]
+    proc = run_edgekd("run", "pipeline.yaml", *stages, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NHWC input: the NCHW batch is transposed to NHWC" in proc.stderr
     assert "softmax output: log-probabilities are used as logits" in proc.stderr
     manifest = json.loads((tmp_path / "runs" / "onnx-teacher" / "manifest.json").read_text())
     teacher_metrics = manifest["stages"]["teacher"]["metrics"]
     assert teacher_metrics["onnx"]["layout"] == "NHWC" and teacher_metrics["onnx"]["output"] == "probabilities"
-    rows = {row["name"]: row for row in _report(tmp_path, "onnx-teacher")["artifacts"]}
+    rows = {row["name"]: row for row in manifest["stages"]["benchmark"]["metrics"]["artifacts"]}
     x, labels = data.normalized("test")
     with torch.no_grad():
         torch_accuracy = float((teacher(torch.from_numpy(x)).argmax(1).numpy() == labels).mean())

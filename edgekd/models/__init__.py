@@ -17,6 +17,7 @@ from torch import nn
 
 from edgekd.errors import InputError
 from edgekd.models.cnn import CNN_PRESETS, EdgeCNN
+from edgekd.models.heads import classifier_name
 
 __all__ = ["available_models", "create_model", "count_parameters", "classifier_name"]
 
@@ -104,19 +105,6 @@ def _from_factory(spec: str, num_classes: int, in_channels: int, input_size: int
     if not isinstance(model, nn.Module):
         raise InputError(f"{field}: factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def classifier_name(model: nn.Module) -> str | None:
-    """Name of the final classification layer (the last Linear, or last Conv when there is none)."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d):
-                last = name
-    return last
 
 
 def model_meta(spec: str, kwargs: dict[str, Any] | None, role: str, *, weights: str | None = None,

@@ -97,7 +97,7 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def replace_head(model: nn.Module, num_classes: int) -> str | None:
     """Swap the classifier (the last Linear, or the last Conv2d where there is none, e.g. SqueezeNet) for a
     freshly initialised one with `num_classes` outputs; every other weight stays. Returns its name."""
-    from edgekd.models import classifier_name
+    from edgekd.models.heads import classifier_name
 
     name = classifier_name(model)
     if name is None:

@@ -16,7 +16,7 @@ class BackboneFreeze:
     """Freezes everything but the classifier head (`models.classifier_name`) for `epochs` epochs."""
 
     def __init__(self, model: nn.Module, epochs: int) -> None:
-        from edgekd.models import classifier_name
+        from edgekd.models.heads import classifier_name
 
         self.epochs = epochs
         head = classifier_name(model) if epochs else None
