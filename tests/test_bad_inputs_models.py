@@ -112,7 +112,7 @@ CASES: list[Case] = [
                 r"gives logits \[batch, 4\] \(one score per class of the data\)$", extra=onnx_file("features")),
     onnx_case("onnx-teacher-other-input-size", {},
                 r"^pipeline\.yaml: teacher\.onnx: teacher\.onnx's input 'image' \[1, 1, 24, 24\] \(NCHW\) takes 24x24 "
-                r"images, the data's preprocessing gives 16x16: set data\.image_size to 24x24, or re-export",
+                r"images, the data's preprocessing gives 16x16: set data\.crop \(or data\.image_size\) to 24x24, or re-export",
                 extra=onnx_file("other-size")),
     onnx_case("onnx-teacher-fixed-batch", {},
                 r"^pipeline\.yaml: teacher\.onnx: teacher\.onnx takes batches of exactly 2, benchmark\.batch_sizes "

@@ -157,7 +157,7 @@ def test_refuses_feature_maps_and_the_wrong_class_count(trained: dict[str, Any],
 def test_explains_a_size_or_channel_mismatch_with_the_data(trained: dict[str, Any], tmp_path: Path) -> None:
     path = export(trained["teacher"], tmp_path / "fixed.onnx", torch.zeros(1, 1, SIZE, SIZE), dynamic_batch=False)
     with pytest.raises(InputError, match=r"^teacher\.onnx: fixed\.onnx's input 'image' \[1, 1, 12, 12\] \(NCHW\) takes "
-                                         r"12x12 images, the data's preprocessing gives 16x16: set data\.image_size"):
+                                         r"12x12 images, the data's preprocessing gives 16x16: set data\.crop \(or data\.image_size\)"):
         inspect_onnx_teacher(path, **{**SHAPE, "height": 16, "width": 16})
     with pytest.raises(InputError, match=r"takes 1 channel\(s\), the data has 3"):
         inspect_onnx_teacher(path, **{**SHAPE, "channels": 3})

@@ -17,7 +17,8 @@ import torchvision
 from edgekd.errors import InputError
 from edgekd.models import create_model, load_model, model_meta
 from edgekd.models.checkpoint import save_checkpoint
-from edgekd.models.pretrained import torchvision_cache_file, torchvision_weights, weights_preprocessing
+from edgekd.models.pretrained import (preprocessing_defaults, torchvision_cache_file, torchvision_weights,
+                                      weights_preprocessing)
 
 timm = pytest.importorskip("timm", reason="timm is the optional [timm] extra")
 
@@ -118,6 +119,17 @@ def test_weights_preprocessing_is_the_weights_own_eval_transform() -> None:
         "resize": 256, "crop": [224, 224], **imagenet, "interpolation": "bicubic"}
     assert weights_preprocessing("torchvision:resnet50", None) is None
     assert weights_preprocessing("cnn_small", None) is None
+
+
+def test_the_teachers_weights_decide_the_runs_preprocessing_defaults() -> None:
+    from edgekd.stages.distill.config import StudentConfig
+    from edgekd.stages.teacher.config import TeacherConfig
+
+    teacher = TeacherConfig(model="torchvision:resnet50", weights="IMAGENET1K_V2")
+    student = StudentConfig(model="timm:mobilenetv3_small_100", pretrained=True)
+    assert preprocessing_defaults(teacher, student)["resize"] == 232  # the teacher's, not the student's 256
+    assert preprocessing_defaults(TeacherConfig(), student)["interpolation"] == "bicubic"
+    assert preprocessing_defaults(TeacherConfig(), StudentConfig()) is None
 
 
 # --------------------------------------------------------------------------------------------------

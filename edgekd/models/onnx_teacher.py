@@ -69,7 +69,7 @@ def _producer(graph: Any, output: str) -> str | None:
 
 
 def inspect_onnx_teacher(path: str | Path, *, channels: int, height: int, width: int, num_classes: int,
-                         size_keys: str = "data.image_size") -> OnnxTeacherInfo:
+                         size_keys: str = "data.crop (or data.image_size)") -> OnnxTeacherInfo:
     """How to run the ONNX teacher on the data's (N, channels, height, width) batches; InputError (one line,
     `teacher.onnx: ...`) when it cannot be: several inputs or outputs, not one score per class, other
     channels or another input size than the data's preprocessing gives (`size_keys` names those settings)."""

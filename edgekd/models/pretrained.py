@@ -265,3 +265,14 @@ def weights_preprocessing(spec: str, weights: str | bool | None) -> dict[str, An
                 "mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]],
                 "interpolation": data["interpolation"]}
     return None
+
+
+def preprocessing_defaults(*sections: Any) -> dict[str, Any] | None:
+    """The eval transform of the run's pretrained weights: the first of `sections` (pass the teacher's, then the
+    student's config section: the teacher's accuracy is the one to keep) that has `weights` / `pretrained` set.
+    What the data side takes as defaults for the resize, crop, mean and std the config leaves unset."""
+    for section in sections:
+        weights = getattr(section, "weights", None) or getattr(section, "pretrained", False)
+        if weights and getattr(section, "onnx", None) is None:
+            return weights_preprocessing(section.model, weights)
+    return None
