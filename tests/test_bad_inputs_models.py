@@ -219,6 +219,7 @@ def test_run_fine_tunes_a_pretrained_teacher_with_a_frozen_backbone_and_starts_t
     save_checkpoint(start, tmp_path / "start.pt")  # a plain state_dict with edgekd's wrapper, no meta needed
     write_config(tmp_path, {
         "name": "pretrained",
+        "data": {"synthetic": {"num_samples": 160}},
         "teacher": {"model": "torchvision:mobilenet_v3_small", "weights": "DEFAULT",
                     "train": {"epochs": 2, "freeze_backbone_epochs": 1, "bn_recalibration_batches": 0}},
         "student": {"checkpoint": "start.pt"},

@@ -230,3 +230,24 @@ def test_timm_mobilenetv3_small_prunes_exports_and_quantizes(tmp_path: Path) -> 
 def test_timm_efficientnet_b0_prunes_exports_and_quantizes(tmp_path: Path) -> None:
     measured = _prune_export_quantize("efficientnet_b0", tmp_path)
     assert 0.3 < measured["params_fraction"] < 0.8 and measured["parity"] < 1e-4
+
+
+class FixedView(torch.nn.Module):
+    """Reshapes with a hard-coded channel count, as some custom blocks do: pruning its input breaks it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], 16, -1).mean(-1)[..., None, None] * x
+
+
+def test_a_layer_torch_pruning_cannot_handle_is_named() -> None:
+    from edgekd.stages.prune.pruning import PruneSettings, prune_channels, resolve_ignored
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), FixedView(), torch.nn.Conv2d(16, 16, 3),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    example = torch.randn(1, 3, 8, 8)
+    with pytest.raises(InputError, match=r"^prune: after pruning, torch-pruning left a layer that does not run: layer "
+                                         r"'1' \(FixedView\): RuntimeError: .*add the layer before it \(or the block "
+                                         r"holding it\) to prune\.ignore$"):
+        prune_channels(model, example, 0.5, PruneSettings(), resolve_ignored(model, []))
+    kept = prune_channels(model, example, 0.5, PruneSettings(), resolve_ignored(model, ["0"]))  # as the message says
+    assert kept.model(example).shape == (1, 4)
