@@ -251,3 +251,29 @@ def test_a_layer_torch_pruning_cannot_handle_is_named() -> None:
         prune_channels(model, example, 0.5, PruneSettings(), resolve_ignored(model, []))
     kept = prune_channels(model, example, 0.5, PruneSettings(), resolve_ignored(model, ["0"]))  # as the message says
     assert kept.model(example).shape == (1, 4)
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_statistics_while_the_head_learns() -> None:
+    from edgekd.config import validate_config
+    from edgekd.data.bundle import load_data
+    from edgekd.train.config import TrainConfig
+    from edgekd.train.loop import fit
+
+    cfg = validate_config({"data": {"dataset": "synthetic", "synthetic": {"num_samples": 200, "image_size": 12}}})
+    data = load_data(cfg.data, seed=0)
+    torch.manual_seed(0)
+    model = create_model("cnn_small", num_classes=data.meta.num_classes, in_channels=1, input_size=12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainConfig(epochs=2, lr=0.01, freeze_backbone_epochs=1, bn_recalibration_batches=0, augment=False)
+    frozen_epoch: dict[str, torch.Tensor] = {}
+
+    def log(line: str) -> None:  # called at the end of each epoch: keep the state after the frozen one
+        if not frozen_epoch:
+            frozen_epoch.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    result = fit(model, data, settings, device=torch.device("cpu"), seed=0, batch_size=32, log=log)
+    assert [row.get("backbone_frozen", False) for row in result.history] == [True, False]
+    backbone = [k for k in before if not k.startswith("head.")]
+    assert all(torch.equal(frozen_epoch[k], before[k]) for k in backbone)  # weights and BatchNorm statistics
+    assert not torch.equal(frozen_epoch["head.weight"], before["head.weight"])
+    assert not torch.equal(model.state_dict()["stage1.0.0.weight"], before["stage1.0.0.weight"])  # epoch 2 trains all
