@@ -13,8 +13,10 @@ from edgekd.validation import Section
 
 MODEL = "teacher"
 ARTIFACT = f"{MODEL}.pt"
-ONNX_ARTIFACT = f"{MODEL}.onnx"
-"""With `teacher.onnx`, the teacher stage's copy of the given file (the export stage writes no teacher then)."""
+ONNX_ARTIFACT = f"given_{MODEL}.onnx"
+"""With `teacher.onnx`, the teacher stage's copy of the given file (the export stage writes no teacher then). Not
+`teacher.onnx`: that name belongs to the export stage, which deletes its own earlier files when it reruns (a run
+directory that had a PyTorch teacher before)."""
 
 
 def check_weights_name(value: str | None) -> str | None:
