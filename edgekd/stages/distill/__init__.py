@@ -31,8 +31,9 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     source = factory_source(cfg.student.model)
     if source is not None:
         view["model_source"] = source
+    libraries = (*TRAINING_LIBRARIES, "timm") if cfg.student.model.startswith("timm:") else TRAINING_LIBRARIES
     return StagePlan(settings=DistillJob(cfg.distill, cfg.student), view=view, depends_on=(teacher_stage.NAME,),
-                     distributed=True, libraries=TRAINING_LIBRARIES)
+                     distributed=True, libraries=libraries)
 
 
 def check_sizes(student_params: int, teacher_params: int) -> bool:

@@ -21,16 +21,19 @@ NAME = "teacher"
 
 
 def plan(cfg: PipelineConfig) -> StagePlan:
+    if cfg.teacher.onnx is not None:  # the file decides everything (model, weights and train are refused with it)
+        view = {**cfg.data_view(), "teacher": {"onnx": str(cfg.teacher.onnx)}}
+        if cfg.teacher.onnx.is_file():
+            view["onnx_sha256"] = atomic.sha256_file(cfg.teacher.onnx)
+        return StagePlan(settings=cfg.teacher, view=view, distributed=True,
+                         libraries=(*TRAINING_LIBRARIES, "onnx", "onnxruntime"))
     view = {**cfg.data_view(), "teacher": cfg.teacher.view()}
     if cfg.teacher.checkpoint is not None and cfg.teacher.checkpoint.is_file():
         view["checkpoint_sha256"] = atomic.sha256_file(cfg.teacher.checkpoint)  # a new file means a new teacher
-    if cfg.teacher.onnx is not None and cfg.teacher.onnx.is_file():
-        view["onnx_sha256"] = atomic.sha256_file(cfg.teacher.onnx)
     source = factory_source(cfg.teacher.model)
     if source is not None:
         view["model_source"] = source
-    libraries = (*TRAINING_LIBRARIES, "onnx", "onnxruntime") if cfg.teacher.onnx is not None else TRAINING_LIBRARIES
-    libraries = (*libraries, "timm") if cfg.teacher.model.startswith("timm:") else libraries
+    libraries = (*TRAINING_LIBRARIES, "timm") if cfg.teacher.model.startswith("timm:") else TRAINING_LIBRARIES
     return StagePlan(settings=cfg.teacher, view=view, distributed=True, libraries=libraries)
 
 
