@@ -25,6 +25,7 @@ from edgekd.errors import InputError, StageFailed
 from edgekd.train import distributed
 from edgekd.train.batchnorm import batchnorm_buffers, restore_batchnorm_buffers
 from edgekd.train.config import TrainConfig
+from edgekd.train.freeze import BackboneFreeze
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 
 MODE_GAP = 0.2  # eval-mode accuracy this far below batch-statistics accuracy: the BatchNorm statistics are wrong
@@ -266,6 +267,7 @@ def fit(
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    freeze = BackboneFreeze(model, cfg.freeze_backbone_epochs)
     result = FitResult()
     wait_total = step_total = 0.0
     images_total = 0
@@ -274,6 +276,7 @@ def fit(
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         trained.train()
+        frozen = freeze.start_epoch(epoch)
         epoch_started = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
@@ -301,6 +304,7 @@ def fit(
                 raise StageFailed(f"{desc}: loss became {float(loss.detach())} at epoch {epoch}, step {step} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            freeze.drop_backbone_grads()
             distributed.average_gradients(objective.extra_parameters())  # DDP syncs only the model's own
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
@@ -321,6 +325,8 @@ def fit(
         sums = distributed.all_reduce_sums({**sums, "_seen": float(seen)})
         seen = int(sums.pop("_seen"))
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        if frozen:
+            row["backbone_frozen"] = True
         row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
         val_logits = predict(model, data.val, data, device, eval_batch_size)
         if cfg.bn_recalibration_batches:

@@ -8,6 +8,7 @@ import logging
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from edgekd import atomic
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.runner.keys import TRAINING_LIBRARIES, factory_source
@@ -26,11 +27,14 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     if cfg.distill is None:
         return None
     view = {**cfg.data_view(), "student": cfg.student.view(), "distill": cfg.distill.view()}
+    if cfg.student.checkpoint is not None and cfg.student.checkpoint.is_file():
+        view["checkpoint_sha256"] = atomic.sha256_file(cfg.student.checkpoint)
     source = factory_source(cfg.student.model)
     if source is not None:
         view["model_source"] = source
+    libraries = (*TRAINING_LIBRARIES, "timm") if cfg.student.model.startswith("timm:") else TRAINING_LIBRARIES
     return StagePlan(settings=DistillJob(cfg.distill, cfg.student), view=view, depends_on=(teacher_stage.NAME,),
-                     distributed=True, libraries=TRAINING_LIBRARIES)
+                     distributed=True, libraries=libraries)
 
 
 def check_sizes(student_params: int, teacher_params: int) -> bool:
@@ -46,7 +50,7 @@ def check_sizes(student_params: int, teacher_params: int) -> bool:
 
 def run(job: DistillJob, ctx: RunContext) -> StageResult:
     from edgekd.models import count_parameters, model_meta
-    from edgekd.models.checkpoint import save_checkpoint
+    from edgekd.models.checkpoint import load_into, read_checkpoint, save_checkpoint
     from edgekd.train.hints import build_hint
     from edgekd.train.loop import accuracy, agreement, fit, predict
     from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective
@@ -55,10 +59,18 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     data, device = ctx.data, ctx.device
     eval_batch = ctx.data_config.eval_batch_size
 
-    teacher = ctx.load_model(teacher_stage.ARTIFACT)
-    student = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model").to(device)
+    teacher = teacher_stage.load_teacher(ctx)
+    student = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model",
+                              weights=student_spec.weights, pretrained=student_spec.pretrained,
+                              load_weights=student_spec.checkpoint is None)
+    if student_spec.checkpoint is not None:  # the student (and its baseline) start from the user's weights
+        state, _ = read_checkpoint(student_spec.checkpoint)
+        load_into(student, state, str(student_spec.checkpoint))
+        log.info("  student: starts from %s", student_spec.checkpoint.name)
+    student.to(device)
     initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    teacher_params = getattr(teacher, "num_parameters", None) or count_parameters(teacher)  # ONNX: its initializers
+    student_params = count_parameters(student)
     check_sizes(student_params, teacher_params)
 
     hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names before any training
@@ -114,7 +126,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     }
     artifacts = {STUDENT: student}
     if settings.baseline:
-        baseline = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model")
+        baseline = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model",
+                                   weights=student_spec.weights, pretrained=student_spec.pretrained, load_weights=False)
         baseline.load_state_dict(initial_state)
         base = fit(
             baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
@@ -135,7 +148,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         artifacts[BASELINE] = baseline
 
     # Written only now: a failure in either training leaves no student file behind.
-    meta = model_meta(student_spec.model, student_spec.model_kwargs, STUDENT_MODEL)
+    meta = model_meta(student_spec.model, student_spec.model_kwargs, STUDENT_MODEL, weights=student_spec.weights,
+                      pretrained=student_spec.pretrained)
     for name, model in artifacts.items():
         save_checkpoint(model, ctx.path(name), meta)
     summary = f"{student_params:,} params, test {metrics['student_test_accuracy']:.4f}"

@@ -15,6 +15,7 @@ from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StageResult
 from edgekd.stages.distill.config import STUDENT
 from edgekd.stages.prune.config import ARTIFACT, MODEL, PruneJob
+from edgekd.stages.teacher import load_teacher
 from edgekd.stages.teacher.config import ARTIFACT as TEACHER
 
 log = logging.getLogger("edgekd")
@@ -38,7 +39,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     spec, kwargs = job.model, job.model_kwargs
 
     model = ctx.load_model(TEACHER if source == "teacher" else STUDENT)
-    teacher_model = ctx.load_model(TEACHER)  # a separate instance: the KD objective freezes it
+    teacher_model = load_teacher(ctx)  # a separate instance: the KD objective freezes it
     ignored = resolve_ignored(model, settings.ignore, what=source)
     target = target_from_config(settings)
     prune_settings = PruneSettings(settings.importance, settings.global_pruning, settings.round_to, tuple(settings.ignore))
@@ -102,7 +103,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     test_accuracy = round(accuracy(predict(model, data.test, data, device, eval_batch), data.test.labels), 6)
     last = pruned.steps[-1]
 
-    save_checkpoint(model, ctx.path(ARTIFACT), {**model_meta(spec, kwargs, MODEL), "structure": record_structure(model)})
+    save_checkpoint(model, ctx.path(ARTIFACT), {**model_meta(spec, kwargs, MODEL, weights=job.weights, pretrained=job.pretrained), "structure": record_structure(model)})
     _check_round_trip(ctx, model, example)
 
     reached = _target_reached(target, macs_before, params_before, macs_after, params_after)
