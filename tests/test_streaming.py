@@ -392,3 +392,31 @@ def test_signature_follows_the_file_list_and_the_transform_but_not_the_worker_co
     views = [validate_config({"data": {**base["data"], **extra}}).data_view()["data"]
              for extra in ({}, {"num_workers": 0, "prefetch_factor": 8}, {"crop": 16})]
     assert views[0] == views[1] and views[0] != views[2]
+
+
+@pytest.mark.slow
+def test_pipeline_on_an_image_folder_records_loader_wait_and_the_contract_end_to_end(tmp_path: Path) -> None:
+    from conftest import run_edgekd, write_config
+
+    from edgekd.stages.export.exporter import read_metadata
+
+    _folder(tmp_path / "photos", per_class=8)
+    write_config(tmp_path, {"data": {"dataset": "imagefolder", "root": "photos", "resize": 24, "crop": 20,
+                                     "batch_size": 8, "num_workers": 1, "val_fraction": 0.2},
+                            "teacher": {"train": {"epochs": 1}}, "distill": {"epochs": 1, "augment": False},
+                            "prune": None, "quantize": None})
+    proc = run_edgekd("-q", "run", "pipeline.yaml", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    for stage in ("teacher", "distill"):
+        assert 0.0 <= manifest[stage]["metrics"]["data_loader"]["wait_fraction"] <= 1.0
+    assert manifest["distill"]["metrics"]["cache"]["enabled"]  # un-augmented: the memmapped logit cache
+    assert not list(run.glob("*teacher-logits*"))  # its work folder is gone
+    report = json.loads((run / "report.json").read_text())
+    assert [row["training"] for row in report["data_loading"]] == ["teacher", "distill"]
+    assert (report["data"]["resize"], report["data"]["crop"]) == (24, [20, 20])
+    deployed = json.loads((run / "deploy" / "preprocess.json").read_text())
+    assert deployed["format"] == "edgekd-preprocess/2" and deployed["resize"] == 24 and deployed["crop"] == [20, 20]
+    metadata = read_metadata(run / "deploy" / "model.onnx")
+    assert {**metadata["preprocess"], "size": [20, 20]} == deployed
