@@ -48,23 +48,26 @@ def mobile_stage(job: MobileJob, ctx: RunContext) -> StageResult:
     from edgekd.gate.accuracy import int8_verdict
     from edgekd.runner.keys import library_version
     from edgekd.stages.mobile.sessions import open_artifact
+    from edgekd.stages.export.stage import eval_sample_limit
     from edgekd.stages.quantize.stage import calibration_inputs, resolve_source
 
     exported = ctx.manifest.metrics("export").get("models", {})
     source = resolve_source(job.quantize.source if job.quantize else "auto",
                             {n: exported[n] for n in MODEL_ORDER if n in exported})
     model = ctx.load_model(f"{source}.pt", device="cpu")
-    val_x, val_y = ctx.data.normalized("val")
+    # the validation images the export stage wrote to val.npz (a seeded sample of a large split)
+    val_x, val_y = ctx.data.normalized("val", limit=eval_sample_limit(ctx.data.meta.input_shape), seed=ctx.seed)
     example = torch.from_numpy(val_x[:1])
-    calibration = None
-    if job.quantize is not None:  # the very images the ONNX int8 model was calibrated on
-        calibration = calibration_inputs(ctx.data, job.quantize.calibration.samples, ctx.seed)
     with torch.inference_mode():
         torch_logits = np.concatenate([model(torch.from_numpy(val_x[i:i + 1])).numpy()
                                        for i in range(min(PARITY_SAMPLES, len(val_x)))])
     staging = ctx.work_folder("mobile")
     rows: list[dict[str, Any]] = []
     try:
+        calibration = None
+        if job.quantize is not None:  # the very images the ONNX int8 model was calibrated on
+            calibration = calibration_inputs(ctx.data, job.quantize.calibration.samples, ctx.seed,
+                                             staging if ctx.data.meta.streamed else None)
         for target in job.targets:
             exporter = _exporters(target)
             kinds = ["fp32", *(["int8"] if calibration is not None else [])]
