@@ -25,11 +25,80 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     if cfg.distill is None:
         return None
     view = {**cfg.data_view(), "student": cfg.student.view(), "distill": cfg.distill.view()}
-    source = factory_source(cfg.student.model)
-    if source is not None:
-        view["model_source"] = source
-    return StagePlan(settings=DistillJob(cfg.distill, cfg.student), view=view, depends_on=(teacher_stage.NAME,),
-                     distributed=True, libraries=TRAINING_LIBRARIES)
+    sources = {spec: factory_source(spec) for spec in cfg.student.specs()}
+    sources = {spec: digest for spec, digest in sources.items() if digest is not None}
+    if sources:
+        view["model_source"] = sources if cfg.student.chooses else next(iter(sources.values()))
+    choice = choice_settings(cfg) if cfg.student.chooses else None
+    libraries = TRAINING_LIBRARIES
+    if choice is not None:
+        # The choice is part of this stage's inputs: the budgets and timing settings it is judged on are in the
+        # fingerprint, so a rerun of the same config skips the stage and never re-times (see docs/config.md).
+        view["student_choice"] = choice.view()
+        libraries = (*TRAINING_LIBRARIES, "onnx", "onnxruntime")
+    return StagePlan(settings=DistillJob(cfg.distill, cfg.student, choice), view=view,
+                     depends_on=(teacher_stage.NAME,), distributed=True, libraries=libraries)
+
+
+def choice_settings(cfg: PipelineConfig) -> Any:
+    from edgekd.stages.distill.choice import ChoiceSettings
+    from edgekd.stages.prune.latency import LatencySettings
+
+    budgets = cfg.budgets
+    latency = LatencySettings(threads=budgets.latency_threads, batch=budgets.latency_batch, precision="fp32",
+                              opset=cfg.export.opset)
+    keys = ("latency_p50_ms", "latency_p90_ms", "min_speedup", "latency_threads", "latency_batch")
+    return ChoiceSettings(latency_p50_ms=budgets.latency_p50_ms, latency_p90_ms=budgets.latency_p90_ms,
+                          min_speedup=budgets.min_speedup, capacity=cfg.student.capacity, latency=latency,
+                          budgets_view={k: getattr(budgets, k) for k in keys})
+
+
+def _choose_student(job: DistillJob, ctx: RunContext, teacher: Any) -> dict[str, Any]:
+    """Time every candidate (rank 0; the decision is shared with every rank) and pick the student."""
+    import tempfile
+    from pathlib import Path
+
+    from edgekd.stages.distill.choice import choose, measure_candidates
+    from edgekd.stages.prune.latency import CALIBRATION_SAMPLES
+    from edgekd.stages.quantize.quantization import calibration_indices
+    from edgekd.train import distributed
+
+    settings = job.choice
+    candidates = job.student.candidate_list()
+
+    def measure() -> dict[str, Any]:
+        data = ctx.data
+        index = calibration_indices(len(data.train), CALIBRATION_SAMPLES, ctx.seed)
+        calibration = data.normalize(data.train.images[index]).numpy()
+        import time
+
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="edgekd-student-choice-") as folder:
+            rows, teacher_p50 = measure_candidates(
+                candidates, lambda spec, kwargs: ctx.build_model(spec, kwargs, "student.candidates"),
+                teacher if settings.min_speedup is not None else None, data.meta.input_shape, settings,
+                calibration, Path(folder))
+        return {"rows": rows, "teacher_p50_ms": teacher_p50, "wall_s": round(time.perf_counter() - started, 3)}
+
+    measured = distributed.broadcast_object(measure() if distributed.is_main() else None)
+    rows = measured["rows"]
+    log.info("  student choice: %d candidate(s) timed untrained at %d thread(s), batch %d (%.1f s)%s", len(rows),
+             settings.latency.threads, settings.latency.batch, measured["wall_s"],
+             f"; teacher p50 {measured['teacher_p50_ms']:.3f} ms" if measured["teacher_p50_ms"] else "")
+    try:
+        decision = choose(rows, settings, measured["teacher_p50_ms"])
+    finally:
+        for row in rows:
+            log.info("    %-40s %9s MACs %8s params  fp32 p50 %.3f ms  int8 p50 %.3f ms  %s", row["label"],
+                     f"{row['macs']:,}", f"{row['params']:,}", row["fp32_p50_ms"], row["int8_p50_ms"],
+                     "fits" if row.get("fits") else "too slow")
+    log.info("  student choice: %s", decision["reason"])
+    if decision["margin"] < 0.10:
+        log.warning("  warning: the chosen student is within %.0f %% of the latency budget: a rerun that re-times "
+                    "(--force distill) may choose differently; pin it with student.model: %s and its model_kwargs",
+                    max(decision["margin"], 0) * 100, decision["model"])
+    return {"candidates": rows, "teacher_p50_ms": measured["teacher_p50_ms"], "decision": decision,
+            "settings": settings.view(), "wall_s": measured["wall_s"]}
 
 
 def check_sizes(student_params: int, teacher_params: int) -> bool:
@@ -55,7 +124,10 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     eval_batch = ctx.data_config.eval_batch_size
 
     teacher = ctx.load_model(teacher_stage.ARTIFACT)
-    student = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model").to(device)
+    choice = _choose_student(job, ctx, teacher) if job.choice is not None else None
+    model_spec = choice["decision"]["model"] if choice else student_spec.model
+    model_kwargs = choice["decision"]["model_kwargs"] if choice else dict(student_spec.model_kwargs)
+    student = ctx.build_model(model_spec, model_kwargs, "student.model").to(device)
     initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     check_sizes(student_params, teacher_params)
@@ -80,7 +152,9 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     student_test = predict(student, data.test, data, device, eval_batch)
 
     metrics: dict[str, Any] = {
-        "model": student_spec.model,
+        "model": model_spec,
+        "model_kwargs": model_kwargs,
+        "student_choice": choice,
         "temperature": settings.temperature,
         "alpha": settings.alpha,
         "hint": {**hint.layers, "weight": hint.weight, "shapes": hint.shapes} if hint else None,
@@ -106,7 +180,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     }
     artifacts = {STUDENT: student}
     if settings.baseline:
-        baseline = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model")
+        baseline = ctx.build_model(model_spec, model_kwargs, "student.model")
         baseline.load_state_dict(initial_state)
         base = fit(
             baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
@@ -126,10 +200,11 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         artifacts[BASELINE] = baseline
 
     # Written only now: a failure in either training leaves no student file behind.
-    meta = model_meta(student_spec.model, student_spec.model_kwargs, STUDENT_MODEL)
+    meta = model_meta(model_spec, model_kwargs, STUDENT_MODEL)
     for name, model in artifacts.items():
         save_checkpoint(model, ctx.path(name), meta)
-    summary = f"{student_params:,} params, test {metrics['student_test_accuracy']:.4f}"
+    summary = f"{choice['decision']['chosen']} (chosen by latency), " if choice else ""
+    summary += f"{student_params:,} params, test {metrics['student_test_accuracy']:.4f}"
     if metrics["kd_gain"] is not None:
         summary += f" (baseline {metrics['baseline_test_accuracy']:.4f}, KD gain {metrics['kd_gain']:+.4f})"
     summary += f", agreement with teacher {metrics['student_test_agreement']:.4f}"
