@@ -168,11 +168,13 @@ def _sections(manifest: Manifest) -> dict[str, Any]:
             "kd_gain": distill.get("kd_gain"), "teacher_accuracy": distill.get("teacher_test_accuracy"),
             "student_params": distill.get("student_params"), "teacher_params": distill.get("teacher_params"),
             "student_agreement": distill.get("student_test_agreement"),
+            "student_choice": distill.get("student_choice"),
         }
     if prune:
         keys = ("source", "importance", "target", "params_before", "params_after", "macs_before", "macs_after",
                 "accuracy_before_prune", "accuracy_after_prune", "accuracy_after_recovery", "test_accuracy")
         out["pruning"] = {k: prune.get(k) for k in keys}
+        out["pruning"]["latency"] = prune.get("latency")  # latency targets and round_to: auto, measured
         if prune.get("params_before") and prune.get("params_after") is not None:
             out["pruning"]["params_kept"] = round(prune["params_after"] / prune["params_before"], 4)
         if prune.get("macs_before") and prune.get("macs_after") is not None:

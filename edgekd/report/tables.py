@@ -169,6 +169,14 @@ def stage_sections(report: dict[str, Any]) -> list[Section]:
              f"{acc(p.get('accuracy_after_recovery'))}"),
             ("Test accuracy", acc(p.get("test_accuracy"))),
         ], "kv")))
+    choice = (d or {}).get("student_choice")
+    if choice:
+        out.append(student_choice_section(choice))
+    latency = (p or {}).get("latency")
+    if latency and latency.get("per_step"):
+        out.append(latency_pruning_section(latency))
+    if latency and latency.get("round_to_auto"):
+        out.append(round_to_section(latency["round_to_auto"]))
     q = report.get("quantization")
     if q:
         chosen = q.get("chosen")
@@ -183,6 +191,47 @@ def stage_sections(report: dict[str, Any]) -> list[Section]:
             ("Deployable", "yes" if q.get("deployable", True) else f"no: {q.get('fallback_reason')}"),
         ], "kv")))
     return out
+
+
+def student_choice_section(choice: dict[str, Any]) -> Section:
+    """The candidates timed untrained before distillation, and which one was distilled and why."""
+    decision = choice.get("decision") or {}
+    rows = [[c["label"], num(c.get("params")), num(c.get("macs")), ms(c.get("fp32_p50_ms")), ms(c.get("int8_p50_ms")),
+             ("yes (" + ", ".join(c.get("fits_in") or []) + ")") if c.get("fits") else "no",
+             "distilled" if c["label"] == decision.get("chosen") else ""] for c in choice.get("candidates") or []]
+    limits = ", ".join(f"{k} <= {v:.3f} ms" for k, v in (decision.get("limits_ms") or {}).items())
+    settings = (choice.get("settings") or {}).get("latency") or {}
+    text = [f"Each candidate exported untrained and timed on ONNX Runtime (fp32 and a quick int8, "
+            f"{settings.get('threads', 1)} thread(s), batch {settings.get('batch', 1)}, interleaved"
+            + (f" with the teacher: p50 {choice['teacher_p50_ms']:.3f} ms" if choice.get("teacher_p50_ms") else "")
+            + f"); budget {limits}.", f"Chosen: {decision.get('reason', '–')}."]
+    return Section("Student choice", "student-choice", text,
+                   Table(["candidate", "params", "MACs", "fp32 p50 ms", "int8 p50 ms", "fits?", ""], rows,
+                         "student-choice"))
+
+
+def latency_pruning_section(latency: dict[str, Any]) -> Section:
+    """MACs ratio vs measured latency ratio per pruning step: they differ (overheads do not shrink with MACs)."""
+    rows = [[str(r["step"]), num(r.get("macs_speedup"), "{:.2f}x"), num(r.get("latency_speedup"), "{:.2f}x"),
+             str(r.get("trials", ""))] for r in latency.get("per_step") or []]
+    settings = latency.get("settings") or {}
+    text = [f"Latency timed on ONNX Runtime in the loop ({settings.get('precision')}, {settings.get('threads')} "
+            f"thread(s), batch {settings.get('batch')}, interleaved with the unpruned model). Final: "
+            f"{num(latency.get('final_p50_ms'), '{:.4f}')} ms vs {num(latency.get('final_reference_p50_ms'), '{:.4f}')} ms"
+            f" = {num(latency.get('speedup'), '{:.2f}x')} faster from {num(latency.get('macs_speedup'), '{:.2f}x')} "
+            f"fewer MACs; goal {num(latency.get('goal_fraction'), '{:.3f}')} of the unpruned latency, "
+            + ("reached within 10 %." if latency.get("reached") else "NOT reached within 10 %.")]
+    return Section("Pruning to a latency target", "latency-pruning", text,
+                   Table(["step", "MACs ratio", "latency ratio", "trials timed"], rows, "latency-pruning"))
+
+
+def round_to_section(auto: dict[str, Any]) -> Section:
+    rows = [[str(r["round_to"]), num(r.get("macs")), ms(r.get("p50_ms")), num(r.get("macs_per_ms")),
+             "chosen" if r["round_to"] == auto.get("chosen") else ""] for r in auto.get("candidates") or []]
+    return Section("Channel rounding (round_to: auto)", "round-to",
+                   [f"The model pruned at channel ratio {auto.get('ratio')} with each rounding, timed side by side; "
+                    f"rule: {auto.get('rule')}."],
+                   Table(["round_to", "MACs", "p50 ms", "MACs per ms", ""], rows, "round-to"))
 
 
 def training_checks_section(report: dict[str, Any]) -> Section | None:

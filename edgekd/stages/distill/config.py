@@ -67,7 +67,8 @@ class StudentConfig(Section):
             if not self.candidates:
                 raise ValueError("candidates: give at least one model spec (or leave the key out)")
             if "model" in self.model_fields_set and self.model != AUTO:
-                raise ValueError(f"model: leave it out (or set auto) when student.candidates is set (got '{self.model}')")
+                raise ValueError(f"set candidates or model, not both (got model '{self.model}'; model: auto goes "
+                                 "with candidates)")
             labels = [c.label() for c in self.candidates]
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
