@@ -50,7 +50,10 @@ class StudentConfig(Section):
     """Students to choose from (each a model spec or {model, model_kwargs}): before distilling, each untrained
     candidate is exported and timed here in fp32 and int8 at the budgets' threads and batch; those that miss the
     latency budgets (latency_p50_ms / latency_p90_ms, min_speedup against the teacher timed alongside) even in
-    int8 are dropped, and the one with the most capacity left is distilled. Leave student.model out (or auto)."""
+    int8 are dropped, and the one with the most capacity left is distilled. Leave student.model out (or auto).
+    The candidates, budgets and timing settings are the distill stage's fingerprint inputs: a rerun of the same
+    config skips the stage and never re-times; `--force distill` re-times, and warns when the chosen student is
+    within 10 % of the budget (a re-timing could then choose another; pin it with student.model)."""
     capacity: Literal["macs", "params"] = "macs"
     """What 'most capacity' means when choosing among candidates."""
 
