@@ -71,7 +71,7 @@ def run_one(name: str, speedup: float, folder: Path) -> dict[str, Any]:
                             label=f"{name} {speedup}x")
     search_s = time.perf_counter() - started
     final_path = probe.onnx(step.model, name="final")
-    check = LatencyProbe(shape, LatencySettings(precision="fp32", rounds=5), folder)  # int8 files already made
+    check = LatencyProbe(shape, LatencySettings(precision="fp32", rounds=7), folder)  # int8 files already made
     rounds = check.p50s({"reference": reference, "pruned": final_path})
     fraction = statistics.median(r["pruned"] / r["reference"] for r in rounds)
     return {

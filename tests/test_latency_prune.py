@@ -113,6 +113,8 @@ def test_round_to_candidates_drop_duplicate_shapes_and_pick_most_macs_per_ms() -
     rows = [{"round_to": 1, "macs": 1000, "p50_ms": 0.10}, {"round_to": 8, "macs": 800, "p50_ms": 0.07},
             {"round_to": 16, "macs": 500, "p50_ms": 0.06}]
     assert pick_round_to(rows) == 8  # 11.4k MACs/ms beats 10k and 8.3k
+    rows[0]["p50_ms"] = 0.0885  # 11.3k MACs/ms: within 2 % of round_to 8's, a tie the finer rounding wins
+    assert pick_round_to(rows) == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,3 +247,45 @@ def test_plans_put_latency_settings_in_fingerprinted_view() -> None:
     assert "latency" not in prune.plan(validate_config({})).view
     choice = distill.plan(cfg).view["student_choice"]
     assert choice["budgets"]["min_speedup"] == 8 and choice["latency"]["threads"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages end to end: the choice and the measurements recorded, and not redone on a rerun
+
+
+@pytest.mark.slow
+def test_pipeline_chooses_student_prunes_to_latency_and_rerun_does_not_retime(tmp_path: Path) -> None:
+    from conftest import write_config
+
+    from edgekd.models.checkpoint import read_checkpoint
+    from edgekd.runner.loop import run_pipeline
+
+    config = write_config(tmp_path, {
+        "data": {"synthetic": {"num_samples": 240, "image_size": 12}},
+        "teacher": {"model": "cnn_small", "train": {"epochs": 1}},
+        "student": {"model": "auto", "candidates": ["cnn_tiny", "cnn_small"]},
+        "distill": {"epochs": 1},
+        "prune": {"ratio": None, "target_speedup": 1.2, "round_to": "auto", "latency_rounds": 1,
+                  "finetune": {"epochs": 1}},
+        "budgets": {"latency_p50_ms": 50.0},
+    })
+    stages = ["teacher", "distill", "prune"]
+    outcome = run_pipeline(config, only=stages)
+    assert outcome.ran == stages
+    choice = outcome.manifest.record("distill").metrics["student_choice"]
+    assert [row["label"] for row in choice["candidates"]] == ["cnn_tiny", "cnn_small"]
+    assert all(row["fits"] and row["int8_p50_ms"] > 0 for row in choice["candidates"])
+    assert choice["decision"]["chosen"] == "cnn_small"  # both fit 50 ms: the one with more MACs
+    assert read_checkpoint(outcome.run_dir / "student.pt")[1]["model"] == "cnn_small"
+
+    prune = outcome.manifest.record("prune").metrics
+    assert read_checkpoint(outcome.run_dir / "pruned.pt")[1]["model"] == "cnn_small"
+    auto = prune["latency"]["round_to_auto"]
+    assert auto["chosen"] in [row["round_to"] for row in auto["candidates"]] and prune["round_to"] == auto["chosen"]
+    assert all(row["p50_ms"] > 0 and row["macs_per_ms"] > 0 for row in auto["candidates"])
+    assert prune["target"] == {"kind": "speedup", "value": 1.2} and isinstance(prune["target_reached"], bool)
+    step = prune["latency"]["per_step"][0]
+    assert step["trials"] >= 1 and step["macs_speedup"] >= 1 and prune["steps"][0]["trials"]
+
+    rerun = run_pipeline(config, only=stages)  # same config: nothing re-timed, nothing re-chosen
+    assert rerun.ran == [] and rerun.manifest.record("distill").metrics["student_choice"] == choice
