@@ -94,6 +94,11 @@ class LatencyProbe:
             slowest = max(slowest, 1.0 / self._iterations[path])
         return max(20, int(round(1.0 / slowest)))
 
+    def _chunk(self, iterations: int) -> int:
+        """Runs per model before switching: 10 for sub-millisecond models; 1 for slow ones, whose chunks of 10
+        would last long enough for a neighbour's load to hit one model and not the other."""
+        return 10 if iterations >= 200 else 1
+
     def timings(self, paths: Mapping[str, Path]) -> list[dict[str, dict[str, float]]]:
         """One dict label -> {p50, p90} (ms) per round, every model timed interleaved with the others."""
         from edgekd.runtime.timing import interleaved_benchmark
@@ -102,7 +107,8 @@ class LatencyProbe:
         rounds = []
         for _ in range(self.settings.rounds):
             rows = interleaved_benchmark({k: str(v) for k, v in paths.items()}, {self.settings.batch: self.inputs},
-                                         [self.settings.threads], warmup=10, iterations=iterations, chunk=10)
+                                         [self.settings.threads], warmup=10 if iterations >= 200 else 3,
+                                         iterations=iterations, chunk=self._chunk(iterations))
             rounds.append({label: {"p50": float(r[0]["p50"]), "p90": float(r[0]["p90"])} for label, r in rows.items()})
         return rounds
 
