@@ -78,6 +78,10 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
         if settings.finetune.bn_recalibration_batches:  # the surgery changed every pruned layer's activations
             recalibrated = recalibrate(m, data, settings.finetune.bn_recalibration_batches, batch_size, device, ctx.seed)
             row["bn_recalibrated"] = {k: recalibrated[k] for k in ("batches", "samples")}
+        for trial in row.get("trials") or []:  # latency targets: what each timed copy cost and saved
+            log.info("  trial %d: channel ratio %.3f -> %s", trial["trial"], trial["channel_ratio"],
+                     trial.get("error") or f"MACs {trial['macs_fraction']:.3f}, latency {trial['latency_fraction']:.3f} "
+                                           f"of the unpruned (goal {row['latency_goal']:.3f})")
         row["accuracy_after_prune"] = val_accuracy(m)
         log.info("  step %d/%d: channel ratio %.3f -> %s MACs (%.3f), %s params (%.3f), val %.4f before recovery",
                  row["step"], settings.steps, row["channel_ratio"], f"{row['macs']:,}", row["macs_fraction"],
@@ -118,6 +122,9 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
         if target.kind in ("latency_ms", "speedup"):
             latency_metrics.update(_final_latency(timer, pruned.model, latency_metrics["goal_fraction"],
                                                   pruned.steps, macs_before, measure(pruned.model, example)[0]))
+        if timer is not None:
+            latency_metrics["measure_wall_s"] = round(timer.wall_s, 3)
+            latency_metrics["models_timed"] = len(timer.measurements)
     finally:
         objective.close()
         if probe_folder is not None:
@@ -167,6 +174,8 @@ class _Timer:
     def __init__(self, probe: Any, reference: Any) -> None:
         self.probe, self.reference = probe, reference
         self.measurements: list[dict[str, float]] = []
+        self.wall_s = 0.0
+        """Seconds spent exporting, quantizing and timing copies (what latency targets add to the stage)."""
 
     def _shared(self, measure: Any) -> Any:
         from edgekd.train import distributed
@@ -175,16 +184,24 @@ class _Timer:
 
     def reference_p50(self) -> float:
         import statistics
+        import time
 
-        return round(self._shared(lambda: statistics.median(
-            r["reference"] for r in self.probe.p50s({"reference": self.reference}))), 6)
+        started = time.perf_counter()
+        p50 = self._shared(lambda: statistics.median(
+            r["reference"] for r in self.probe.p50s({"reference": self.reference})))
+        self.wall_s += time.perf_counter() - started
+        return round(p50, 6)
 
     def fractions(self, models: dict[str, Any]) -> dict[str, dict[str, float]]:
+        import time
+
         def run() -> dict[str, dict[str, float]]:
             paths = {label: self.probe.onnx(m, name=f"{label}-{self.probe.exported + 1}") for label, m in models.items()}
             return self.probe.fractions(paths, self.reference)
 
+        started = time.perf_counter()
         result = self._shared(run)
+        self.wall_s += time.perf_counter() - started
         self.measurements.extend(result.values())
         return result
 
