@@ -113,8 +113,8 @@ def test_round_to_candidates_drop_duplicate_shapes_and_pick_most_macs_per_ms() -
     rows = [{"round_to": 1, "macs": 1000, "p50_ms": 0.10}, {"round_to": 8, "macs": 800, "p50_ms": 0.07},
             {"round_to": 16, "macs": 500, "p50_ms": 0.06}]
     assert pick_round_to(rows) == 8  # 11.4k MACs/ms beats 10k and 8.3k
-    rows[0]["p50_ms"] = 0.0885  # 11.3k MACs/ms: within 2 % of round_to 8's, a tie the finer rounding wins
-    assert pick_round_to(rows) == 1
+    rows[2]["p50_ms"] = 0.0442  # 11.3k MACs/ms: within 2 % of round_to 8's, a tie the coarser rounding wins
+    assert pick_round_to(rows) == 16
 
 
 # --------------------------------------------------------------------------------------------------

@@ -511,16 +511,18 @@ def round_to_candidates(
     return copies
 
 
-ROUND_TO_TIE = 0.02  # MACs-per-ms rates this close are a tie (timing noise): the finer rounding is kept
+ROUND_TO_TIE = 0.02  # MACs-per-ms rates this close are a tie (timing noise): the coarser rounding is kept
 
 
 def pick_round_to(rows: list[dict[str, Any]]) -> int:
     """The rounding whose copy turns the most MACs into each millisecond (MACs / p50): at equal latency it
-    keeps the most capacity. Rates within 2 % of the best are a tie, won by the smallest round_to (the least
-    constrained channel counts). Rows: {round_to, macs, p50_ms}."""
+    keeps the most capacity. Rates within 2 % of the best are a tie, won by the largest round_to: equal at this
+    ratio, and its channel counts stay vector-aligned at the other ratios the search goes on to try (a finer
+    rounding can tie where its counts happen to be aligned, e.g. 28/56/112, and lose badly where they are not).
+    Rows: {round_to, macs, p50_ms}."""
     rate = {r["round_to"]: r["macs"] / max(r["p50_ms"], 1e-9) for r in rows}
     best = max(rate.values())
-    return min(k for k, v in rate.items() if v >= best * (1 - ROUND_TO_TIE))
+    return max(k for k, v in rate.items() if v >= best * (1 - ROUND_TO_TIE))
 
 
 def replace_round_to(settings: PruneSettings, round_to: int | None) -> PruneSettings:
