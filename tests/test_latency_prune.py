@@ -217,6 +217,7 @@ def test_student_config_candidates_accept_bare_specs_and_auto_family() -> None:
      r"student\.candidates: chooses the student the distill stage trains"),
     ({"student": {"model": "cnn_tiny", "candidates": ["cnn_small"]}}, r"student: set candidates or model, not both"),
     ({"student": {"candidates": []}}, r"student\.candidates: .*at least one"),
+    ({"student": {"top_k": 2}}, r"student\.top_k: 2 needs student\.candidates or student\.model: auto"),
     ({"student": {"candidates": ["cnn_tiny", "cnn_tiny"]}}, r"listed twice: cnn_tiny"),
     ({"prune": {"ratio": 0.2, "target_speedup": 1.5}}, r"prune: set only one of .*\(got ratio, target_speedup\)"),
     ({"prune": {"target_latency_ms": 0.1, "target_macs": 0.5}}, r"\(got target_macs, target_latency_ms\)"),
@@ -263,7 +264,7 @@ def test_pipeline_chooses_student_prunes_to_latency_and_rerun_does_not_retime(tm
     config = write_config(tmp_path, {
         "data": {"synthetic": {"num_samples": 240, "image_size": 12}},
         "teacher": {"model": "cnn_small", "train": {"epochs": 1}},
-        "student": {"model": "auto", "candidates": ["cnn_tiny", "cnn_small"]},
+        "student": {"model": "auto", "candidates": ["cnn_tiny", "cnn_small"], "top_k": 2},
         "distill": {"epochs": 1},
         "prune": {"ratio": None, "target_speedup": 1.2, "round_to": "auto", "latency_rounds": 1,
                   "finetune": {"epochs": 1}},
@@ -275,11 +276,16 @@ def test_pipeline_chooses_student_prunes_to_latency_and_rerun_does_not_retime(tm
     choice = outcome.manifest.record("distill").metrics["student_choice"]
     assert [row["label"] for row in choice["candidates"]] == ["cnn_tiny", "cnn_small"]
     assert all(row["fits"] and row["int8_p50_ms"] > 0 for row in choice["candidates"])
-    assert choice["decision"]["chosen"] == "cnn_small"  # both fit 50 ms: the one with more MACs
-    assert read_checkpoint(outcome.run_dir / "student.pt")[1]["model"] == "cnn_small"
+    # both fit 50 ms: ranked by MACs, both distilled (top_k 2), the better by validation accuracy kept
+    assert [c["label"] for c in choice["decision"]["ranked"]] == ["cnn_small", "cnn_tiny"]
+    scores = {row["label"]: row["val_accuracy"] for row in choice["top_k"]}
+    assert set(scores) == {"cnn_small", "cnn_tiny"}
+    kept = max(scores, key=lambda label: (scores[label], label == "cnn_small"))
+    assert choice["decision"]["chosen"] == kept and "kept " + kept in choice["decision"]["reason"]
+    assert read_checkpoint(outcome.run_dir / "student.pt")[1]["model"] == kept
 
     prune = outcome.manifest.record("prune").metrics
-    assert read_checkpoint(outcome.run_dir / "pruned.pt")[1]["model"] == "cnn_small"
+    assert read_checkpoint(outcome.run_dir / "pruned.pt")[1]["model"] == kept
     auto = prune["latency"]["round_to_auto"]
     assert auto["chosen"] in [row["round_to"] for row in auto["candidates"]] and prune["round_to"] == auto["chosen"]
     assert all(row["p50_ms"] > 0 and row["macs_per_ms"] > 0 for row in auto["candidates"])

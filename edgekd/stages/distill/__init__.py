@@ -125,30 +125,52 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
 
     teacher = ctx.load_model(teacher_stage.ARTIFACT)
     choice = _choose_student(job, ctx, teacher) if job.choice is not None else None
-    model_spec = choice["decision"]["model"] if choice else student_spec.model
-    model_kwargs = choice["decision"]["model_kwargs"] if choice else dict(student_spec.model_kwargs)
-    student = ctx.build_model(model_spec, model_kwargs, "student.model").to(device)
-    initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
-    check_sizes(student_params, teacher_params)
-
-    hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names before any training
+    if choice:
+        contenders = [(c["model"], dict(c["model_kwargs"]), c["label"])
+                      for c in choice["decision"]["ranked"][:student_spec.top_k]]
+    else:
+        contenders = [(student_spec.model, dict(student_spec.model_kwargs), student_spec.model)]
     teacher_val = predict(teacher, data.val, data, device, eval_batch)
     teacher_test = predict(teacher, data.test, data, device, eval_batch)
     common = dict(device=device, seed=ctx.seed, batch_size=ctx.data_config.batch_size, eval_batch_size=eval_batch,
                   log=log.info)
 
-    objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint)
-    log.info(
-        "  KD: T=%g alpha=%g%s, teacher logits %s", settings.temperature, settings.alpha,
-        f", hint {hint.layers['teacher']} <- {hint.layers['student']} (beta={hint.weight:g})" if hint else "",
-        "cached" if objective.cache is not None else "computed every batch",
-    )
-    try:
-        result = fit(student, data, settings, objective=objective, desc="distill", reference_val_logits=teacher_val,
-                     config_key="distill", **common)
-    finally:
-        objective.close()  # removes the hint hooks from the student before it is saved or reused
+    def distil(spec: str, kwargs: dict[str, Any], label: str) -> dict[str, Any]:
+        student = ctx.build_model(spec, kwargs, "student.model").to(device)
+        initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
+        check_sizes(count_parameters(student), count_parameters(teacher))
+        hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names first
+        objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint)
+        log.info(
+            "  KD%s: T=%g alpha=%g%s, teacher logits %s", f" ({label})" if len(contenders) > 1 else "",
+            settings.temperature, settings.alpha,
+            f", hint {hint.layers['teacher']} <- {hint.layers['student']} (beta={hint.weight:g})" if hint else "",
+            "cached" if objective.cache is not None else "computed every batch",
+        )
+        try:
+            result = fit(student, data, settings, objective=objective, desc="distill",
+                         reference_val_logits=teacher_val, config_key="distill", **common)
+        finally:
+            objective.close()  # removes the hint hooks from the student before it is saved or reused
+        return {"spec": spec, "kwargs": kwargs, "label": label, "student": student, "initial_state": initial_state,
+                "hint": hint, "objective": objective, "result": result}
+
+    runs = [distil(*contender) for contender in contenders]
+    kept = max(runs, key=lambda r: r["result"].best_val_accuracy)  # ties: the first, the most capacity
+    if len(runs) > 1:
+        assert choice is not None
+        scores = {r["label"]: r["result"].best_val_accuracy for r in runs}
+        log.info("  top %d distilled: %s; kept %s", len(runs),
+                 ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()), kept["label"])
+        decision = choice["decision"]
+        choice["top_k"] = [{"label": k, "val_accuracy": v} for k, v in scores.items()]
+        decision["reason"] += (f"; top {len(runs)} distilled, kept {kept['label']} by validation accuracy "
+                               f"({', '.join(f'{k} {v:.4f}' for k, v in scores.items())})")
+        decision.update(chosen=kept["label"], model=kept["spec"], model_kwargs=kept["kwargs"])
+    model_spec, model_kwargs = kept["spec"], kept["kwargs"]
+    student, initial_state, hint = kept["student"], kept["initial_state"], kept["hint"]
+    objective, result = kept["objective"], kept["result"]
+    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     student_test = predict(student, data.test, data, device, eval_batch)
 
     metrics: dict[str, Any] = {

@@ -80,7 +80,9 @@ def choose(rows: list[dict[str, Any]], settings: ChoiceSettings, teacher_p50_ms:
     if dropped:
         reason += f"; too slow even in int8: {', '.join(dropped)}"
     margin = min(limit / best[f"{precision}_{stat}_ms"] for stat, limit in bounds.items()) - 1
+    ranked = sorted(fitting, key=lambda r: (r[key], r[other]), reverse=True)
     return {"chosen": best["label"], "model": best["model"], "model_kwargs": best["model_kwargs"],
+            "ranked": [{"label": r["label"], "model": r["model"], "model_kwargs": r["model_kwargs"]} for r in ranked],
             "precision": precision, "reason": reason, "limits_ms": {k: round(v, 6) for k, v in bounds.items()},
             "margin": round(margin, 4), "others_fitting": [r["label"] for r in larger]}
 

@@ -56,6 +56,9 @@ class StudentConfig(Section):
     within 10 % of the budget (a re-timing could then choose another; pin it with student.model)."""
     capacity: Literal["macs", "params"] = "macs"
     """What 'most capacity' means when choosing among candidates."""
+    top_k: int = Field(1, ge=1, le=5)
+    """Distil this many of the fitting candidates (most capacity first) and keep the best by validation accuracy
+    (k times the distillation time; the no-KD baseline is trained for the kept one only)."""
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -76,6 +79,8 @@ class StudentConfig(Section):
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"candidates: listed twice: {', '.join(repeated)}")
+        if self.top_k > 1 and not self.chooses:
+            raise ValueError(f"top_k: {self.top_k} needs student.candidates or student.model: auto")
         if self.model == AUTO and self.model_kwargs:
             raise ValueError("model_kwargs: not used with student.model: auto (the candidates carry their own)")
         return self
