@@ -19,12 +19,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgekd")
 
 NAME = "distill"
+CHOICE_KEYS = ("candidates", "capacity", "top_k")  # student settings that matter only when the student is chosen
 
 
 def plan(cfg: PipelineConfig) -> StagePlan | None:
     if cfg.distill is None:
         return None
-    view = {**cfg.data_view(), "student": cfg.student.view(), "distill": cfg.distill.view()}
+    student = cfg.student.view()
+    if not cfg.student.chooses:  # a named student: the choice's settings decide nothing (and keep old fingerprints)
+        for key in CHOICE_KEYS:
+            student.pop(key, None)
+    view = {**cfg.data_view(), "student": student, "distill": cfg.distill.view()}
     sources = {spec: factory_source(spec) for spec in cfg.student.specs()}
     sources = {spec: digest for spec, digest in sources.items() if digest is not None}
     if sources:
