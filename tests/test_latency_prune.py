@@ -246,6 +246,7 @@ def test_plans_put_latency_settings_in_fingerprinted_view() -> None:
     assert validate_config({"prune": {"target_speedup": 1.4}, "quantize": None}).prune is not None
     assert prune.plan(validate_config({"prune": {"target_speedup": 1.4}, "quantize": None})).view["latency"]["precision"] == "fp32"
     assert "latency" not in prune.plan(validate_config({})).view
+    assert not {"target_speedup", "latency_precision"} & set(prune.plan(validate_config({})).view["prune"])
     named = distill.plan(validate_config({})).view
     assert set(named["student"]) == {"model", "model_kwargs"} and "student_choice" not in named  # as before: no rerun
     assert {"candidates", "capacity", "top_k"} <= set(distill.plan(cfg).view["student"])

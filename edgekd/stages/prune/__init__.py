@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from edgekd.runner.context import RunContext
 
 NAME = "prune"
+LATENCY_KEYS = ("target_latency_ms", "target_speedup", "latency_precision", "latency_rounds")
 
 
 def plan(cfg: PipelineConfig) -> StagePlan | None:
@@ -30,7 +31,11 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     kd = cfg.distill.kd() if cfg.distill is not None else KDConfig()
     latency = latency_settings(cfg) if cfg.prune.measures_latency else None
     job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs), latency)
-    view = {**cfg.data_view(), "prune": cfg.prune.view(), "kd": kd.view(),
+    prune_view = cfg.prune.view()
+    if latency is None:  # no latency measured: its settings decide nothing (and keep old fingerprints)
+        for key in LATENCY_KEYS:
+            prune_view.pop(key, None)
+    view = {**cfg.data_view(), "prune": prune_view, "kd": kd.view(),
             "source_model": {"model": spec.model, "model_kwargs": dict(spec.model_kwargs)}}
     if latency is not None:  # where latency is timed decides the pruned shape
         view["latency"] = latency.view()
