@@ -100,7 +100,8 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
                f"{html_table(tables.latency_table(report))}</section>")
     for section in tables.stage_sections(report):
         out.append(_section(section))
-    for section in (tables.training_checks_section(report), tables.arm_section(report), tables.devices_section(report)):
+    for section in (tables.training_checks_section(report), tables.data_loading_section(report),
+                    tables.arm_section(report), tables.devices_section(report)):
         if section is not None:
             out.append(_section(section))
     out.append(f'<section id="environment"><h2>Environment</h2>{html_table(tables.environment_table(report))}</section>')

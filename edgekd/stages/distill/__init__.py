@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from typing import TYPE_CHECKING, Any
 
+from edgekd import atomic
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.runner.keys import TRAINING_LIBRARIES, factory_source
@@ -30,17 +32,20 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
         for key in CHOICE_KEYS:
             student.pop(key, None)
     view = {**cfg.data_view(), "student": student, "distill": cfg.distill.view()}
+    if cfg.student.checkpoint is not None and cfg.student.checkpoint.is_file():
+        view["checkpoint_sha256"] = atomic.sha256_file(cfg.student.checkpoint)
     sources = {spec: factory_source(spec) for spec in cfg.student.specs()}
     sources = {spec: digest for spec, digest in sources.items() if digest is not None}
     if sources:
         view["model_source"] = sources if cfg.student.chooses else next(iter(sources.values()))
     choice = choice_settings(cfg) if cfg.student.chooses else None
-    libraries = TRAINING_LIBRARIES
+    timm = any(spec.startswith("timm:") for spec in cfg.student.specs())
+    libraries = (*TRAINING_LIBRARIES, "timm") if timm else TRAINING_LIBRARIES
     if choice is not None:
         # The choice is part of this stage's inputs: the budgets and timing settings it is judged on are in the
         # fingerprint, so a rerun of the same config skips the stage and never re-times (see docs/config.md).
         view["student_choice"] = choice.view()
-        libraries = (*TRAINING_LIBRARIES, "onnx", "onnxruntime")
+        libraries = (*libraries, "onnx", "onnxruntime")
     return StagePlan(settings=DistillJob(cfg.distill, cfg.student, choice), view=view,
                      depends_on=(teacher_stage.NAME,), distributed=True, libraries=libraries)
 
@@ -70,6 +75,13 @@ def _choose_student(job: DistillJob, ctx: RunContext, teacher: Any) -> dict[str,
 
     settings = job.choice
     candidates = job.student.candidate_list()
+    import torch
+
+    # min_speedup is judged against the teacher timed alongside; a teacher given as ONNX is not re-exported here
+    timed_teacher = teacher if settings.min_speedup is not None and isinstance(teacher, torch.nn.Module) else None
+    if settings.min_speedup is not None and timed_teacher is None:
+        log.warning("  warning: the teacher is not a PyTorch model: the student choice ignores min_speedup "
+                    "(set budgets.latency_p50_ms to choose by latency)")
 
     def measure() -> dict[str, Any]:
         data = ctx.data
@@ -81,7 +93,7 @@ def _choose_student(job: DistillJob, ctx: RunContext, teacher: Any) -> dict[str,
         with tempfile.TemporaryDirectory(prefix="edgekd-student-choice-") as folder:
             rows, teacher_p50 = measure_candidates(
                 candidates, lambda spec, kwargs: ctx.build_model(spec, kwargs, "student.candidates"),
-                teacher if settings.min_speedup is not None else None, data.meta.input_shape, settings,
+                timed_teacher, data.meta.input_shape, settings,
                 calibration, Path(folder))
         return {"rows": rows, "teacher_p50_ms": teacher_p50, "wall_s": round(time.perf_counter() - started, 3)}
 
@@ -119,7 +131,7 @@ def check_sizes(student_params: int, teacher_params: int) -> bool:
 
 def run(job: DistillJob, ctx: RunContext) -> StageResult:
     from edgekd.models import count_parameters, model_meta
-    from edgekd.models.checkpoint import save_checkpoint
+    from edgekd.models.checkpoint import load_into, read_checkpoint, save_checkpoint
     from edgekd.train.hints import build_hint
     from edgekd.train.loop import accuracy, agreement, fit, predict
     from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective
@@ -128,7 +140,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     data, device = ctx.data, ctx.device
     eval_batch = ctx.data_config.eval_batch_size
 
-    teacher = ctx.load_model(teacher_stage.ARTIFACT)
+    teacher = teacher_stage.load_teacher(ctx)
+    teacher_params = getattr(teacher, "num_parameters", None) or count_parameters(teacher)  # ONNX: its initializers
     choice = _choose_student(job, ctx, teacher) if job.choice is not None else None
     if choice:
         contenders = [(c["model"], dict(c["model_kwargs"]), c["label"])
@@ -140,12 +153,22 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     common = dict(device=device, seed=ctx.seed, batch_size=ctx.data_config.batch_size, eval_batch_size=eval_batch,
                   log=log.info)
 
+    from edgekd.train import distributed
+
     def distil(spec: str, kwargs: dict[str, Any], label: str) -> dict[str, Any]:
-        student = ctx.build_model(spec, kwargs, "student.model").to(device)
+        student = ctx.build_model(spec, kwargs, "student.model", weights=student_spec.weights,
+                                  pretrained=student_spec.pretrained, load_weights=student_spec.checkpoint is None)
+        if student_spec.checkpoint is not None:  # the student (and its baseline) start from the user's weights
+            state, _ = read_checkpoint(student_spec.checkpoint)
+            load_into(student, state, str(student_spec.checkpoint))
+            log.info("  student: starts from %s", student_spec.checkpoint.name)
+        student.to(device)
         initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
-        check_sizes(count_parameters(student), count_parameters(teacher))
+        check_sizes(count_parameters(student), teacher_params)
         hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names first
-        objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint)
+        logits_folder = ctx.work_folder("distill-teacher-logits") if distributed.is_main() else None
+        objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint,
+                                      cache_dir=logits_folder)
         log.info(
             "  KD%s: T=%g alpha=%g%s, teacher logits %s", f" ({label})" if len(contenders) > 1 else "",
             settings.temperature, settings.alpha,
@@ -156,7 +179,9 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
             result = fit(student, data, settings, objective=objective, desc="distill",
                          reference_val_logits=teacher_val, config_key="distill", **common)
         finally:
-            objective.close()  # removes the hint hooks from the student before it is saved or reused
+            objective.close()  # removes the hint hooks from the student before it is saved or reused, and the cache
+            if logits_folder is not None:
+                shutil.rmtree(logits_folder, ignore_errors=True)
         return {"spec": spec, "kwargs": kwargs, "label": label, "student": student, "initial_state": initial_state,
                 "hint": hint, "objective": objective, "result": result}
 
@@ -175,7 +200,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     model_spec, model_kwargs = kept["spec"], kept["kwargs"]
     student, initial_state, hint = kept["student"], kept["initial_state"], kept["hint"]
     objective, result = kept["objective"], kept["result"]
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    student_params = count_parameters(student)
     student_test = predict(student, data.test, data, device, eval_batch)
 
     metrics: dict[str, Any] = {
@@ -198,6 +223,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         "cache": {"enabled": True, **objective.cache.stats()} if objective.cache is not None
         else {"enabled": False, "hits": 0, "misses": 0, "hit_rate": None},
         "train_wall_s": result.wall_s,
+        "data_loader": result.loader,
         "baseline_test_accuracy": None,
         "baseline_test_agreement": None,
         "baseline_history": None,
@@ -207,7 +233,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     }
     artifacts = {STUDENT: student}
     if settings.baseline:
-        baseline = ctx.build_model(model_spec, model_kwargs, "student.model")
+        baseline = ctx.build_model(model_spec, model_kwargs, "student.model",
+                                   weights=student_spec.weights, pretrained=student_spec.pretrained, load_weights=False)
         baseline.load_state_dict(initial_state)
         base = fit(
             baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
@@ -221,13 +248,15 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
             baseline_history=base.history,
             baseline_best_epoch=base.best_epoch,
             baseline_train_wall_s=base.wall_s,
+            baseline_data_loader=base.loader,
             baseline_mode_check=base.mode_check,
         )
         metrics["kd_gain"] = round(metrics["student_test_accuracy"] - metrics["baseline_test_accuracy"], 6)
         artifacts[BASELINE] = baseline
 
     # Written only now: a failure in either training leaves no student file behind.
-    meta = model_meta(model_spec, model_kwargs, STUDENT_MODEL)
+    meta = model_meta(model_spec, model_kwargs, STUDENT_MODEL, weights=student_spec.weights,
+                      pretrained=student_spec.pretrained)
     for name, model in artifacts.items():
         save_checkpoint(model, ctx.path(name), meta)
     summary = f"{choice['decision']['chosen']} (chosen by latency), " if choice else ""

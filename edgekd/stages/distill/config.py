@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pathlib import Path
+
 from pydantic import Field, field_validator, model_validator
 
 from edgekd.train.config import HintConfig, KDConfig, TrainConfig
+from edgekd.stages.teacher.config import check_pretrained_source, check_weights_name
 from edgekd.validation import Section
 
 STUDENT_MODEL, BASELINE_MODEL = "student", "student_baseline"
@@ -30,7 +33,7 @@ AUTO_CANDIDATES: tuple[dict[str, Any], ...] = (
 
 class CandidateConfig(Section):
     model: str
-    """Registry name, `torchvision:<name>`, or `pkg.module:factory`."""
+    """Registry name, `torchvision:<name>`, `timm:<name>`, or `pkg.module:factory`."""
     model_kwargs: dict[str, Any] = {}
     """Keyword arguments for the model factory."""
 
@@ -42,10 +45,21 @@ class CandidateConfig(Section):
 
 class StudentConfig(Section):
     model: str = "cnn_small"
-    """Registry name, `torchvision:<name>`, `pkg.module:factory`, or auto: choose from the built-in CNN family by
-    measured latency (needs a latency budget; see candidates)."""
+    """Registry name, `torchvision:<name>`, `timm:<name>`, `pkg.module:factory`, or auto: choose from the built-in
+    CNN family by measured latency (needs a latency budget; see candidates)."""
     model_kwargs: dict[str, Any] = {}
     """Keyword arguments for the model factory."""
+    weights: str | None = None
+    """torchvision:<name> only: start from these pretrained weights (DEFAULT or an enum name), read from the local
+    torch hub cache; the head is replaced for the data's classes."""
+    pretrained: bool = False
+    """timm:<name> only: start from timm's pretrained weights (from the local cache); the head is replaced."""
+    checkpoint: Path | None = None
+    """A state_dict to start the student (and its no-KD baseline) from; it must fit `model` as built for the data
+    (with `weights`/`pretrained` set, the pretrained architecture; their weights are then not read)."""
+
+    _weights = field_validator("weights")(check_weights_name)
+
     candidates: list[CandidateConfig] | None = None
     """Students to choose from (each a model spec or {model, model_kwargs}): before distilling, each untrained
     candidate is exported and timed here in fp32 and int8 at the budgets' threads and batch; those that miss the
@@ -68,7 +82,17 @@ class StudentConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _sources(self) -> StudentConfig:
+        check_pretrained_source(self)
+        return self
+
+    @model_validator(mode="after")
     def _one_way(self) -> StudentConfig:
+        if self.chooses:
+            given = [k for k in ("weights", "pretrained", "checkpoint") if getattr(self, k)]
+            if given:
+                raise ValueError(f"{given[0]}: applies to a named student, not to one chosen by latency "
+                                 "(student.candidates / student.model: auto)")
         if self.candidates is not None:
             if not self.candidates:
                 raise ValueError("candidates: give at least one model spec (or leave the key out)")

@@ -30,7 +30,7 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     spec = cfg.teacher if source == "teacher" else cfg.student
     kd = cfg.distill.kd() if cfg.distill is not None else KDConfig()
     latency = latency_settings(cfg) if cfg.prune.measures_latency else None
-    job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs), latency)
+    job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs), spec.weights, spec.pretrained, latency=latency)
     prune_view = cfg.prune.view()
     if latency is None:  # no latency measured: its settings decide nothing (and keep old fingerprints)
         for key in LATENCY_KEYS:
