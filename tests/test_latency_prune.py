@@ -217,6 +217,8 @@ def test_student_config_candidates_accept_bare_specs_and_auto_family() -> None:
      r"student\.candidates: chooses the student the distill stage trains"),
     ({"student": {"model": "cnn_tiny", "candidates": ["cnn_small"]}}, r"student: set candidates or model, not both"),
     ({"student": {"candidates": []}}, r"student\.candidates: .*at least one"),
+    ({"student": {"model": "auto", "checkpoint": "x.pt"}, "budgets": {"latency_p50_ms": 1}},
+     r"student\.checkpoint: applies to a named student, not to one chosen by latency"),
     ({"student": {"top_k": 2}}, r"student\.top_k: 2 needs student\.candidates or student\.model: auto"),
     ({"student": {"candidates": ["cnn_tiny", "cnn_tiny"]}}, r"listed twice: cnn_tiny"),
     ({"prune": {"ratio": 0.2, "target_speedup": 1.5}}, r"prune: set only one of .*\(got ratio, target_speedup\)"),
