@@ -42,8 +42,8 @@ def test_profile_of_a_real_model_has_its_op_types_positive_times_and_consistent_
     assert sum(row["us"] for row in profile["op_types"]) == pytest.approx(profile["node_us"])
     assert sum(row["share"] for row in profile["op_types"]) == pytest.approx(1.0)
     assert sum(row["nodes"] for row in profile["op_types"]) == len(profile["nodes"])
-    # kernels run inside session.run: their time is a part of the run's
-    assert 0 < profile["node_us"] <= profile["run_us"]
+    # kernels run inside session.run: their time is a part of the run's (medians of both: a share <= 1)
+    assert 0 < profile["node_us"] and 0 < profile["node_us"] / profile["run_us"] <= 1.0
 
 
 def test_int8_profile_shows_the_integer_kernels_and_the_quantize_boundaries(models) -> None:
@@ -67,7 +67,8 @@ def test_parse_trace_keeps_only_the_last_runs_windows() -> None:
                        "args": {"op_name": "Conv", "provider": "CPUExecutionProvider"}})
         ts += duration + 100
     profile = parse_trace(events, runs=3)
-    assert profile["nodes"] == [{"name": "conv", "op_type": "Conv", "provider": "CPU", "us": 20.0, "order": 0}]
+    assert profile["nodes"] == [{"name": "conv", "op_type": "Conv", "provider": "CPU", "us": 20.0, "mean_us": 20.0,
+                                 "order": 0}]
     assert profile["run_us"] == pytest.approx(25.0)
 
 

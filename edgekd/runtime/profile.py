@@ -58,10 +58,11 @@ def source_name(node_name: str) -> str:
 
 
 def parse_trace(events: Iterable[Mapping[str, Any]], runs: int) -> dict[str, Any]:
-    """Per node and per op type mean microseconds per run, over the last `runs` model_run windows.
+    """Per node and per op type microseconds per run, over the last `runs` model_run windows.
 
-    Returns {"runs", "run_us" (mean model_run duration), "node_us" (sum of the node means: the part of a run
-    spent inside kernels), "op_types": [{op_type, family, nodes, us, share}], "nodes": [{name, op_type,
+    Each node's time is its median over the runs (a shared machine's preemptions hit single runs; the median
+    ignores them), `mean_us` its mean. Returns {"runs", "run_us" (median model_run duration), "node_us" (sum
+    of the node medians: the part of a run spent inside kernels), "op_types": [{op_type, family, nodes, us, share}], "nodes": [{name, op_type,
     provider, us}]}, both lists sorted by time, slowest first.
     """
     events = list(events)
@@ -85,10 +86,12 @@ def parse_trace(events: Iterable[Mapping[str, Any]], runs: int) -> dict[str, Any
         name = kernel_name(event["name"])
         args = event.get("args") or {}
         entry = per_node.setdefault(name, {"name": name, "op_type": args.get("op_name", "?"),
-                                           "provider": args.get("provider", ""), "total": 0.0, "order": len(per_node)})
-        entry["total"] += float(event["dur"])
+                                           "provider": args.get("provider", ""), "per_run": np.zeros(runs),
+                                           "order": len(per_node)})
+        entry["per_run"][slot] += float(event["dur"])  # a node can run more than once per run (loops)
     nodes = [{"name": e["name"], "op_type": e["op_type"], "provider": e["provider"].replace("ExecutionProvider", ""),
-              "us": e["total"] / runs, "order": e["order"]} for e in per_node.values()]
+              "us": float(np.median(e["per_run"])), "mean_us": float(np.mean(e["per_run"])), "order": e["order"]}
+             for e in per_node.values()]
     node_us = sum(n["us"] for n in nodes)
     by_type: dict[str, dict[str, Any]] = defaultdict(lambda: {"nodes": 0, "us": 0.0})
     for node in nodes:
@@ -96,7 +99,7 @@ def parse_trace(events: Iterable[Mapping[str, Any]], runs: int) -> dict[str, Any
         by_type[node["op_type"]]["us"] += node["us"]
     op_types = [{"op_type": op, "family": op_family(op), "nodes": v["nodes"], "us": v["us"],
                  "share": v["us"] / node_us if node_us > 0 else 0.0} for op, v in by_type.items()]
-    return {"runs": runs, "run_us": float(np.mean(ends - starts)), "node_us": node_us,
+    return {"runs": runs, "run_us": float(np.median(ends - starts)), "node_us": node_us,
             "op_types": sorted(op_types, key=lambda r: -r["us"]),
             "nodes": sorted(nodes, key=lambda n: -n["us"])}
 
