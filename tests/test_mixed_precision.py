@@ -193,3 +193,32 @@ def test_mixed_precision_settings_round_trip_into_the_manifest_form() -> None:
     data = settings.to_dict()
     assert data["exclude_nodes"] == ["conv"] and data["weight_range_overrides"] == {"gemm": False}
     assert "weight_range_overrides" not in qz.QuantSettings().to_dict()
+
+
+def test_pipeline_with_mixed_precision_auto_records_the_search_and_the_report_shows_it_and_the_profile(
+        tmp_path: Path) -> None:
+    """teacher -> export -> quantize (auto, a limit all-int8 is unlikely to meet) -> benchmark -> report."""
+    from conftest import write_config
+
+    from edgekd.runner import loop as pipeline
+
+    config = write_config(tmp_path, {
+        "data": {"synthetic": {"num_samples": 240}}, "teacher": {"train": {"epochs": 1}},
+        "distill": None, "prune": None,
+        "quantize": {"calibration": {"samples": 40}, "mixed_precision": "auto", "max_accuracy_drop": 0.0,
+                     "min_agreement": 1.0, "mixed_precision_steps": 6},
+        "benchmark": {"profile_runs": 5},
+    })
+    outcome = pipeline.run_pipeline(config, only=["teacher", "export", "quantize", "benchmark", "report"])
+    quant = outcome.manifest.metrics("quantize")
+    mixed = quant["mixed_precision"]
+    assert mixed["nodes"] >= 3 and 1 <= len(mixed["steps"]) <= 6 and mixed["search_s"] > 0
+    assert {"node", "error_recovered", "accuracy_recovered"} <= set(mixed["sensitivity"][0])
+    assert any(a["label"].startswith("mixed precision (auto)") for a in quant["attempts"])
+    if mixed["met"]:  # the chosen int8 model then holds both limits on the validation split
+        assert quant["accuracy_drop"] <= 0.0 and quant["agreement"] >= 1.0
+    bench = outcome.manifest.metrics("benchmark")
+    assert set(bench["profile"]) == {"teacher", "int8"} and bench["profile"]["int8"]["runs"] == 5
+    report = (outcome.run_dir / "report.md").read_text()
+    assert "## Mixed precision" in report and "## Per-operator profile" in report
+    assert "int8 vs fp32 source" in report and "quantize/dequantize" in report
