@@ -9,11 +9,11 @@ normalization); without labels they report top-1 agreement with their own fp32 m
 
 Per model, timed interleaved in one run (batch 1, 1 thread, edgekd.runtime.timing): fp32; edgekd's int8 (the
 quantize stage's default recipe: ORT pre-processing, QDQ, uint8 activations, int8 per-channel weights, 7-bit
-weights on x86 without VNNI, MinMax on training images); ORT's `quantize_static` with its defaults (QDQ, int8
+weights on x86 without VNNI, MinMax on training images, fast bias correction); ORT's `quantize_static` with its defaults (QDQ, int8
 activations and weights, per-tensor, MinMax) on the pre-processed model, as ORT's docs advise; NNCF when it is
 installed (it is not in this environment: reported as skipped). For the student, also the ingredients peer
 tools apply by default (per-tensor weights, percentile and entropy ranges, 8-bit weights everywhere), to keep
-only what measurably helps. `int8/fp32` is the p50 speed-up; the physical limit here is ~2x (AVX2's u8 x s8
+only what measurably helps, and edgekd's recipe without its fast bias correction. `int8/fp32` is the p50 speed-up; the physical limit here is ~2x (AVX2's u8 x s8
 multiply-add without VNNI does about twice fp32's MACs per cycle).
 """
 
@@ -46,7 +46,7 @@ ITERATIONS = {"student": 200, "resnet18": 30, "mobilenet_v2": 60}
 def edgekd_settings(**changes: Any) -> qz.QuantSettings:
     """The quantize stage's default recipe on this CPU (quantize.* defaults, 'auto' resolved from the flags)."""
     act, reduce, _ = qz.choose_for_cpu("auto", "auto", "int8", qz.cpu_features())
-    return replace(qz.QuantSettings(reduce_range=reduce, activation_type=act), **changes)
+    return replace(qz.QuantSettings(reduce_range=reduce, activation_type=act, bias_correction=True), **changes)
 
 
 def quantize_edgekd(pre: Path, out: Path, calib: np.ndarray, settings: qz.QuantSettings) -> Path:
@@ -89,18 +89,20 @@ def torchvision_model(name: str, folder: Path) -> Path:
     return export_onnx(model, torch.randn(1, 3, 224, 224), folder / f"{name}.onnx", opset=17).path
 
 
-def student_inputs(run: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
-    """pruned.onnx (else student.onnx), 512 training images for calibration, the test split and its labels."""
+def student_inputs(run: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """pruned.onnx (else student.onnx), 512 training images for calibration, the test split and its labels,
+    the validation split (for choices: never the test split)."""
     from edgekd.config import load_config
     from edgekd.data.bundle import load_data
     from edgekd.runtime.evaluate import load_eval_npz
     from edgekd.stages.quantize.stage import calibration_inputs
 
-    cfg = load_config(run / "resolved-config.yaml")
+    config = run / "resolved-config.yaml"
+    cfg = load_config(config if config.exists() else run / "config.yaml")
     data = load_data(cfg.data, seed=cfg.seed)
     model = run / "pruned.onnx" if (run / "pruned.onnx").exists() else run / "student.onnx"
-    test = load_eval_npz(run / "eval.npz")
-    return model, calibration_inputs(data, 512, cfg.seed), test.inputs, test.labels
+    test, val = load_eval_npz(run / "eval.npz"), load_eval_npz(run / "val.npz")
+    return model, calibration_inputs(data, 512, cfg.seed), test.inputs, test.labels, (val.inputs, val.labels)
 
 
 def measure(models: dict[str, Path], inputs: np.ndarray, labels: np.ndarray | None, iterations: int) -> list[dict]:
@@ -116,6 +118,8 @@ def measure(models: dict[str, Path], inputs: np.ndarray, labels: np.ndarray | No
             "accuracy": None if labels is None else float(np.mean(predicted == labels)),
             "agreement": float(np.mean(predicted == reference.argmax(-1))),
             "logit_error": float(np.mean(np.abs(logits - reference))),
+            # relative: untrained torchvision heads give tiny logits, so the absolute error says little
+            "relative_logit_error": float(np.mean(np.abs(logits - reference)) / max(np.mean(np.abs(reference)), 1e-12)),
             "float_nodes": _float_weighted(path), "size_bytes": path.stat().st_size})
     return table
 
@@ -129,8 +133,21 @@ def _float_weighted(path: Path) -> int:
     return sum(1 for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] not in dequantized)
 
 
+def per_layer_weight_range(fp32: Path, pre: Path, folder: Path, calib: np.ndarray, val: tuple[np.ndarray, np.ndarray],
+                           out: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """edgekd's recipe with the weight range (7- or 8-bit) chosen per layer on the validation split, as
+    `quantize.mixed_precision: auto` does first."""
+    work = folder / "weight-range"
+    work.mkdir(exist_ok=True)
+    measurer = mp.OrtMeasurer(fp32, pre, work, qz.ArrayCalibrationReader(calib), qz.CalibrationCache(work), *val)
+    base = edgekd_settings()
+    settings, rows = mp.choose_weight_ranges(base, mp.quantizable_nodes(pre), measurer,
+                                             measurer.accuracy(base)["logit_error"])
+    return quantize_edgekd(pre, out, calib, settings), rows
+
+
 def compare(name: str, fp32: Path, calib: np.ndarray, inputs: np.ndarray, labels: np.ndarray | None,
-            folder: Path, extras: bool) -> dict[str, Any]:
+            folder: Path, extras: bool, val: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     pre = folder / f"{name}.pre.onnx"
     qz.preprocess(fp32, pre)
     models = {"fp32": fp32}
@@ -142,28 +159,34 @@ def compare(name: str, fp32: Path, calib: np.ndarray, inputs: np.ndarray, labels
     models["ORT quantize_static defaults"] = quantize_ort_default(pre, folder / f"{name}.ort.onnx", calib)
     timings["ORT quantize_static defaults"] = time.perf_counter() - start
     if extras:  # the ingredients of peer tools' defaults, one at a time on edgekd's recipe
-        for label, changes in (("edgekd, per-tensor weights", {"per_channel": False}),
+        for label, changes in (("edgekd without bias correction", {"bias_correction": False}),
+                               ("edgekd, per-tensor weights", {"per_channel": False}),
                                ("edgekd, percentile 99.999", {"method": "percentile"}),
                                ("edgekd, entropy ranges", {"method": "entropy"}),
                                ("edgekd, 8-bit weights everywhere", {"reduce_range": False})):
             models[label] = quantize_edgekd(pre, folder / f"{name}.{len(models)}.onnx", calib,
                                             edgekd_settings(**changes))
+    weight_rows = None
+    if extras and val is not None:
+        models["edgekd, per-layer weight range"], weight_rows = per_layer_weight_range(
+            fp32, pre, folder, calib, val, folder / f"{name}.wr.onnx")
     rows = measure(models, inputs, labels, ITERATIONS[name])
     for row in rows:
         row["quantize_s"] = timings.get(row["method"])
     return {"model": name, "rows": rows, "calibration_samples": len(calib), "eval_samples": len(inputs),
+            "weight_ranges": weight_rows,
             "nncf": "installed" if nncf_available() else "not installed (skipped)"}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | accuracy | agreement w/ fp32 | mean abs logit error | p50 ms | int8/fp32 | "
-             "of the ~2x limit | weighted nodes in float |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | accuracy | agreement w/ fp32 | mean abs logit error | relative logit error | p50 ms | "
+             "int8/fp32 | of the ~2x limit | weighted nodes in float |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         for row in result["rows"]:
             acc = "—" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
             limit = "—" if row["method"] == "fp32" else f"{row['speedup_vs_fp32'] / PHYSICAL_LIMIT:.0%}"
             lines.append(f"| {result['model']} | {row['method']} | {acc} | {row['agreement']:.4f} | "
-                         f"{row['logit_error']:.4f} | {row['p50_ms']:.3f} | {row['speedup_vs_fp32']:.2f}x | {limit} | "
+                         f"{row['logit_error']:.4f} | {row['relative_logit_error']:.4f} | {row['p50_ms']:.3f} | {row['speedup_vs_fp32']:.2f}x | {limit} | "
                          f"{row['float_nodes']} |")
     return "\n".join(lines)
 
@@ -183,8 +206,8 @@ def main() -> None:
             if name == "student":
                 if args.run is None:
                     sys.exit("--run RUN_DIR is needed for the student")
-                fp32, calib, inputs, labels = student_inputs(args.run)
-                results.append(compare(name, fp32, calib, inputs, labels, folder, extras=True))
+                fp32, calib, inputs, labels, val = student_inputs(args.run)
+                results.append(compare(name, fp32, calib, inputs, labels, folder, extras=True, val=val))
             else:
                 fp32 = torchvision_model(name, folder)
                 calib, inputs = structured_images(32, 224, seed=1), structured_images(48, 224, seed=2)

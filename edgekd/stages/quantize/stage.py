@@ -122,7 +122,8 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     base = qz.QuantSettings(
         mode=q.mode, format=q.format, per_channel=q.per_channel, reduce_range=reduce, activation_type=act,
         weight_type=q.weight_type, method=q.calibration.method, percentile=q.calibration.percentile,
-        exclude_nodes=tuple(q.exclude_nodes), exclude_op_types=tuple(q.exclude_op_types))
+        exclude_nodes=tuple(q.exclude_nodes), exclude_op_types=tuple(q.exclude_op_types),
+        bias_correction=q.bias_correction and q.mode == "static")
     base.check()
     _, auto_reduce, _ = qz.choose_for_cpu("auto", "auto", "int8", cpu)
     metrics: dict[str, Any] = {
