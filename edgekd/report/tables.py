@@ -208,6 +208,7 @@ def profile_sections(report: dict[str, Any]) -> list[Section]:
         if compare:
             before, after = row[src], row[int8]
             cells.append("int8 only" if before == 0 else "gone" if after == 0 else
+                         "same" if abs(before / after - 1) < 0.02 else
                          f"{before / after:.2f}x faster" if after < before else f"{after / before:.2f}x slower")
         rows.append(cells)
     rows.append(["whole run (median)", *[_us(profiles[n]["run_us"]) for n in names],
