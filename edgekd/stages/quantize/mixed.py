@@ -230,9 +230,9 @@ def search_mixed_precision(base: QuantSettings, nodes: Sequence[str], measurer: 
     if slower and len(steps) < max_steps:
         candidate = replace(current, exclude_nodes=tuple(dict.fromkeys((*current.exclude_nodes, *slower))))
         trial = measure(candidate, f"keep {len(slower)} node(s) int8 makes slower in float")
+        why.update({n: "int8 slower" for n in slower})  # the reason, should the final race pick this graph
         if trial["speedup"] >= row["speedup"]:  # the whole graph measured faster, not just the sum of parts
             current, row = candidate, trial
-            why.update({n: "int8 slower" for n in slower})
 
     def score(name: str) -> float:
         recovered = max(sensitivity[name]["error_recovered"], 0.0)
@@ -255,7 +255,6 @@ def search_mixed_precision(base: QuantSettings, nodes: Sequence[str], measurer: 
             trial = measure(candidate, f"give {name} back to int8")
             if trial["meets"] and trial["speedup"] >= row["speedup"]:
                 current, row = candidate, trial
-                why.pop(name)
 
     within = [i for i, s in enumerate(steps) if s["meets"]]
     race: list[dict[str, Any]] = []
@@ -272,7 +271,7 @@ def search_mixed_precision(base: QuantSettings, nodes: Sequence[str], measurer: 
     else:
         best = min(range(len(steps)), key=lambda i: (steps[i]["accuracy_drop"], -steps[i]["agreement"]))
     chosen = settings_of[best]
-    kept = [{"node": n, "why": why.get(n, "configured"),
+    kept = [{"node": n, "why": "configured" if n in base.exclude_nodes else why.get(n, "configured"),
              "error_recovered": sensitivity.get(n, {}).get("error_recovered"),
              "accuracy_recovered": sensitivity.get(n, {}).get("accuracy_recovered"),
              **{k: v for k, v in gains.get(n, {}).items()}} for n in chosen.exclude_nodes]

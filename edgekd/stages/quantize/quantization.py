@@ -44,7 +44,7 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
 _WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 _CALIB_BATCH = 32
 _HISTOGRAM_WARN_BYTES = 2 << 30
-BIAS_CORRECTION_SAMPLES = 256  # calibration images used to measure each layer's mean output error
+BIAS_CORRECTION_SAMPLES = 128  # calibration images used to measure each layer's mean output error
 
 
 @dataclass(frozen=True)
