@@ -1,13 +1,20 @@
-// Classify samples with an edgekd deploy bundle through the ONNX Runtime C++ API.
+// Classify images or samples with an edgekd deploy bundle through the ONNX Runtime C++ API.
 //
+//   edgekd_classify BUNDLE_DIR --images A.jpg B.png ... [--logits] [--dump-input FILE] [--model model.ort]
+//                   [--top K] [--threads N]
 //   edgekd_classify BUNDLE_DIR INPUT_FILE [--pixels] [--model model.ort] [--top K] [--threads N]
 //
+// --images: JPEG (libjpeg) or PNG (libpng) files, preprocessed as preprocess.json says (see preprocess.h: EXIF
+//           orientation, colour conversion, shorter-side bilinear antialiased resize, center crop, normalize);
+//           --logits also prints every logit, --dump-input writes the float32 NCHW model inputs to FILE.
 // INPUT_FILE is a raw tensor file:
 //   default   float32 NCHW, already normalized (what eval.npz["inputs"].tofile() writes); N = size / (C*H*W*4)
 //   --pixels  uint8 HWC at the model's H x W (a decoded camera frame / image); N = size / (H*W*C),
 //             normalized here as preprocess.json says: x = (pixel * scale - mean[c]) / std[c]
 // Prints the top-K classes per sample with labels from labels.json.
 #include <onnxruntime_cxx_api.h>
+
+#include "preprocess.h"
 
 #include <algorithm>
 #include <cmath>
@@ -76,24 +83,63 @@ std::vector<std::string> json_string_list(const std::string& json) {
   return out;
 }
 
+bool json_is_null(const std::string& json, const std::string& key) {
+  const size_t p = value_pos(json, key);
+  return p == std::string::npos || json.compare(p, 4, "null") == 0;
+}
+
+// preprocess.json -> the contract's fields; the earlier format (no "format" key) has no resize or crop.
+edgekd::Preprocess parse_preprocess(const std::string& pre) {
+  edgekd::Preprocess p;
+  const std::string format = json_string(pre, "format", "");
+  if (!format.empty() && format != "edgekd-preprocess/2")
+    throw std::runtime_error("preprocess.json format " + format + " is not supported (edgekd-preprocess/2)");
+  p.height = static_cast<int>(json_numbers(pre, "height").at(0));
+  p.width = static_cast<int>(json_numbers(pre, "width").at(0));
+  const int channels = static_cast<int>(json_numbers(pre, "channels").at(0));
+  p.color = json_string(pre, "color", channels == 1 ? "L" : "RGB");
+  if (!((p.color == "L" && channels == 1) || (p.color == "RGB" && channels == 3)))
+    throw std::runtime_error("preprocess.json: color " + p.color + " with " + std::to_string(channels) +
+                             " channels is not supported (RGB/3 or L/1)");
+  if (!json_is_null(pre, "resize")) p.resize = static_cast<int>(json_numbers(pre, "resize").at(0));
+  if (!json_is_null(pre, "crop")) {
+    const std::vector<double> crop = json_numbers(pre, "crop");
+    p.crop_h = static_cast<int>(crop.at(0));
+    p.crop_w = static_cast<int>(crop.at(crop.size() > 1 ? 1 : 0));
+  }
+  const std::vector<double> scale = json_numbers(pre, "scale");
+  p.scale = scale.empty() ? 1.0 / 255 : scale[0];
+  p.mean = json_numbers(pre, "mean");
+  p.std = json_numbers(pre, "std");
+  if (p.mean.size() != static_cast<size_t>(channels) || p.std.size() != static_cast<size_t>(channels))
+    throw std::runtime_error("preprocess.json: mean and std need one value per channel");
+  return p;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> pos;
   std::string model_file = "model.onnx";
-  bool pixels = false;
+  std::vector<std::string> images;
+  std::string dump_input;
+  bool pixels = false, print_logits = false;
   int top = 5, threads = 1;  // one thread: predictable latency on small devices, as edgekd benchmarks it
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--pixels") pixels = true;
+    else if (a == "--images")
+      while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) images.push_back(argv[++i]);
+    else if (a == "--logits") print_logits = true;
+    else if (a == "--dump-input" && i + 1 < argc) dump_input = argv[++i];
     else if (a == "--model" && i + 1 < argc) model_file = argv[++i];
     else if (a == "--top" && i + 1 < argc) top = std::stoi(argv[++i]);
     else if (a == "--threads" && i + 1 < argc) threads = std::stoi(argv[++i]);
     else pos.push_back(a);
   }
-  if (pos.size() != 2) {
-    std::cerr << "usage: edgekd_classify BUNDLE_DIR INPUT_FILE [--pixels] [--model model.ort] [--top K] "
-                 "[--threads N]\n";
+  if (pos.size() != (images.empty() ? 2u : 1u)) {
+    std::cerr << "usage: edgekd_classify BUNDLE_DIR (--images IMAGE... [--logits] [--dump-input FILE] | "
+                 "INPUT_FILE [--pixels]) [--model model.ort] [--top K] [--threads N]\n";
     return 2;
   }
   try {
@@ -107,9 +153,17 @@ int main(int argc, char** argv) {
     const std::string out_name = json_string(pre, "output_name", "logits");
     const int64_t per = C * H * W;
 
-    std::string raw = read_file(pos[1]);
     std::vector<float> input;
-    if (pixels) {  // HWC uint8 -> NCHW float32
+    if (!images.empty()) {  // image files -> the contract's transform
+      const edgekd::Preprocess spec = parse_preprocess(pre);
+      for (const std::string& image : images) edgekd::image_to_input(image, spec, input);
+      if (!dump_input.empty()) {
+        std::ofstream dump(dump_input, std::ios::binary);
+        dump.write(reinterpret_cast<const char*>(input.data()), static_cast<std::streamsize>(input.size() * sizeof(float)));
+        if (!dump) throw std::runtime_error("cannot write " + dump_input);
+      }
+    } else if (pixels) {
+      const std::string raw = read_file(pos[1]);  // HWC uint8 -> NCHW float32
       const std::vector<double> mean = json_numbers(pre, "mean"), stdv = json_numbers(pre, "std");
       const std::vector<double> scale_v = json_numbers(pre, "scale");
       const double scale = scale_v.empty() ? 1.0 / 255 : scale_v[0];
@@ -124,6 +178,7 @@ int main(int argc, char** argv) {
               input[((s * C + c) * H + y) * W + x] = static_cast<float>((v * scale - mean[c]) / stdv[c]);
             }
     } else {
+      const std::string raw = read_file(pos[1]);
       if (raw.size() % (per * sizeof(float))) throw std::runtime_error("tensor file size is not N*C*H*W*4");
       input.resize(raw.size() / sizeof(float));
       std::copy(raw.begin(), raw.end(), reinterpret_cast<char*>(input.data()));  // little-endian float32
@@ -165,6 +220,11 @@ int main(int argc, char** argv) {
                     << 100.0 * std::exp(row[cls] - peak) / sum << "%";
         }
         std::cout << "\n";
+        if (print_logits) {
+          std::cout << "logits " << start + s << ":" << std::setprecision(9) << std::scientific;
+          for (int64_t k2 = 0; k2 < classes; ++k2) std::cout << " " << row[k2];
+          std::cout << std::fixed << "\n";
+        }
       }
     }
   } catch (const std::exception& e) {  // Ort::Exception derives from std::exception

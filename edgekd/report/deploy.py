@@ -17,20 +17,45 @@ from edgekd.stages import quantize as quantize_stage
 
 DEPLOY_DIR = "deploy"
 
+# The preprocessing contract in Python (needs `pre`, numpy as np, PIL's Image and ImageOps): every runtime's
+# snippet uses it, so that an app feeds the model what edgekd evaluated it on.
+TO_INPUT = '''def to_input(path):  # preprocess.json's contract, step by step (edgekd evaluated the model on exactly this)
+    image = ImageOps.exif_transpose(Image.open(path))
+    if image.mode.startswith("I"):  # 16-bit grey: keep the high byte
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    image = image.convert(pre.get("color") or ("L" if pre["channels"] == 1 else "RGB"))  # alpha dropped
+    w, h = image.size
+    if pre.get("resize"):  # shorter side to `resize`, aspect ratio kept (longer side truncated)
+        r = pre["resize"]
+        size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    else:  # straight to the model size
+        size = (pre["width"], pre["height"])
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)  # Pillow's bilinear antialiases when shrinking
+    if pre.get("crop"):  # center crop; round() is half to even
+        ch, cw = pre["crop"]
+        top, left = round((image.height - ch) / 2), round((image.width - cw) / 2)
+        image = image.crop((left, top, left + cw, top + ch))
+    x = np.asarray(image, np.float32).reshape(pre["height"], pre["width"], -1).transpose(2, 0, 1)
+    mean = np.array(pre["mean"], np.float32).reshape(-1, 1, 1)
+    std = np.array(pre["std"], np.float32).reshape(-1, 1, 1)
+    return ((x * np.float32(pre["scale"]) - mean) / std)[None]
+'''
+
 USAGE = '''import json
 import numpy as np
 import onnxruntime as ort
+from PIL import Image, ImageOps
 
 pre = json.load(open("preprocess.json"))
 labels = json.load(open("labels.json"))
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 
 
-def classify(pixels):  # uint8 image, shape (height, width) or (height, width, channels)
-    x = np.asarray(pixels, np.float32).reshape(pre["height"], pre["width"], pre["channels"]).transpose(2, 0, 1)
-    mean = np.array(pre["mean"], np.float32).reshape(-1, 1, 1)
-    std = np.array(pre["std"], np.float32).reshape(-1, 1, 1)
-    logits = session.run(None, {pre["input_name"]: ((x * pre["scale"] - mean) / std)[None]})[0]
+''' + TO_INPUT + '''
+
+def classify(path):  # an image file (JPEG, PNG, ...) -> class name
+    logits = session.run(None, {pre["input_name"]: to_input(path)})[0]
     return labels[int(logits.argmax())]
 '''
 
@@ -81,16 +106,21 @@ def bundle_readme(report: dict[str, Any], files: list[str]) -> str:
     described = {
         "README.md": "this file", "model.onnx": "the model (ONNX)",
         "model.ort": "the same model in ONNX Runtime Mobile format",
-        "labels.json": "class names, index = output position", "preprocess.json": "input size, layout, scale, mean/std",
+        "labels.json": "class names, index = output position",
+        "preprocess.json": "how an image becomes the model input: resize, center crop, colour, scale, mean/std",
         "eval.npz": "test images and labels (for checking accuracy on the device)",
-        "run_on_device.py": "benchmark this bundle on a board: `python3 run_on_device.py` -> device.json",
+        "run_on_device.py": "benchmark this bundle on a board: `python3 run_on_device.py` -> device.json; "
+                            "classify image files: `python3 run_on_device.py --images photo.jpg`",
     }
     for name in files:
         if "/" not in name:
             lines.append(f"- `{name}`: {described.get(name, '')}".rstrip(": "))
     if any(f.startswith("edgekd_runtime/") for f in files):
         lines.append("- `edgekd_runtime/`: the torch-free runtime that run_on_device.py uses")
-    lines += ["", "## Use it (Python, `pip install onnxruntime numpy`)", "", "```python", USAGE.rstrip(), "```", "",
+    lines += ["", "## Use it (Python, `pip install onnxruntime numpy pillow`)", "",
+              "The image must be prepared exactly as `preprocess.json` says (the same steps in any language: decode, "
+              "EXIF orientation, colour, shorter side resized with antialiased bilinear, center crop, normalize):", "",
+              "```python", USAGE.rstrip(), "```", "",
               "Merge device results into the report: `edgekd report RUN_DIR --merge device.json`.", ""]
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Torch-free ONNX Runtime helpers: sessions, latency timing, accuracy, device runner.
 
-Imports only the standard library, numpy and onnxruntime, so it runs on a device. Modules (imported on
+Imports only the standard library, numpy and onnxruntime (and Pillow, only in preprocess when an image file
+is decoded), so it runs on a device. Modules (imported on
 demand; this file imports nothing so `import edgekd.runtime.session` stays cheap):
 
   session        open_session, input_spec, check_input, random_inputs, resolve_providers
@@ -16,6 +17,7 @@ demand; this file imports nothing so `import edgekd.runtime.session` stays cheap
   bundle         install_device_runner (run_on_device.py + edgekd_runtime/ into a deploy folder)
   proto          read_model_summary: a minimal ONNX protobuf reader (op types, opsets, external data)
   errors         RuntimeInputError (CLI exit code 2)
+  preprocess     load_preprocess, image_to_input: the preprocessing contract (preprocess.json); Pillow on use
 
 Every module uses relative imports only: the pipeline copies this folder into deploy bundles as
 `edgekd_runtime/`.

@@ -1,4 +1,5 @@
-"""On-device benchmark of a deploy bundle -> device.json (what `run_on_device.py` runs).
+"""On-device benchmark of a deploy bundle -> device.json, and classification of image files with it (what
+`run_on_device.py` runs).
 
 Only the standard library, numpy and onnxruntime; relative imports only, so this folder also works when
 the pipeline copies it into a bundle as `edgekd_runtime/`.
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import onnxruntime as ort
 
 from .bench import file_sha256, inputs_for_batches
@@ -54,8 +56,20 @@ def parse_args(argv: Sequence[str] | None, bundle_dir: Path) -> argparse.Namespa
                         help="auto = CPU EP, plus XNNPACK when this onnxruntime has it")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
     parser.add_argument("--out", default="device.json", help="where to write the results")
+    classify = parser.add_argument_group(
+        "classify image files (instead of benchmarking; needs Pillow to decode: pip install pillow)")
+    classify.add_argument("--images", nargs="+", metavar="IMAGE",
+                          help="JPEG/PNG/... files: preprocess them as preprocess.json says, print the top classes")
+    classify.add_argument("--top", type=int, default=5, help="classes printed per image (default: 5)")
+    classify.add_argument("--logits-out", metavar="JSON",
+                          help="also write [{file, logits, top1, label}, ...] to this JSON file")
+    classify.add_argument("--preprocess", metavar="JSON",
+                          help="preprocessing record (default: preprocess.json beside this script, else the "
+                               "model's ONNX metadata)")
     args = parser.parse_args(argv)
     args.bundle_dir = str(bundle_dir)
+    if args.top < 1:
+        parser.error("--top must be >= 1")
     if args.model is None:
         args.model = [str(p) for p in (bundle_dir / "model.onnx", bundle_dir / "model.ort") if p.is_file()]
         if not args.model:
@@ -208,10 +222,69 @@ def _summary_lines(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _labels(bundle_dir: Path, metadata: dict[str, str]) -> list[str]:
+    path = bundle_dir / "labels.json"
+    try:
+        if path.is_file():
+            return [str(label) for label in json.loads(path.read_text(encoding="utf-8"))]
+        return [str(label) for label in json.loads(metadata.get("labels", "[]"))]
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise RuntimeInputError(f"{path}: not a JSON list of class names ({exc})") from None
+
+
+def classify_images(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The first --model (default model.onnx) on each --images file, preprocessed per the contract; returns
+    [{file, logits, top1, label, top: [{index, label, prob}]}]."""
+    from .preprocess import image_to_input, load_preprocess, preprocess_from_metadata
+
+    bundle = Path(args.bundle_dir)
+    model = next(iter(_parse_models(args.model[:1]).values()))
+    session = open_session(model, threads=1, providers=[CPU_PROVIDER])
+    # ONNX metadata holds the contract too; sessions of other formats may have none
+    metadata = dict(session.get_modelmeta().custom_metadata_map) if hasattr(session, "get_modelmeta") else {}
+    if args.preprocess:
+        spec = load_preprocess(args.preprocess)
+    elif (bundle / "preprocess.json").is_file():
+        spec = load_preprocess(bundle / "preprocess.json")
+    else:
+        spec = preprocess_from_metadata(metadata)
+        if spec is None:
+            raise RuntimeInputError(f"no preprocess.json beside {bundle} and no 'preprocess' in {model}'s metadata; "
+                                    "pass --preprocess PATH")
+    labels = _labels(bundle, metadata)
+    input_name = spec["input_name"] if spec["input_name"] in [i.name for i in session.get_inputs()] \
+        else session.get_inputs()[0].name
+    results = []
+    for image in args.images:
+        logits = session.run(None, {input_name: image_to_input(image, spec)})[0][0].astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = [int(i) for i in np.argsort(-logits, kind="stable")[:args.top]]
+        label = [labels[i] if i < len(labels) else str(i) for i in order]
+        results.append({"file": str(image), "logits": logits.tolist(), "top1": order[0], "label": label[0],
+                        "top": [{"index": i, "label": n, "prob": float(probs[i])} for i, n in zip(order, label)]})
+    return results
+
+
 def main(argv: Sequence[str] | None = None, bundle_dir: str | os.PathLike | None = None) -> int:
-    """Entry point of run_on_device.py. Exit codes: 0 written, 2 bad input (model, data, options)."""
+    """Entry point of run_on_device.py. Exit codes: 0 written, 2 bad input (model, data, options, images)."""
     bundle = Path(bundle_dir) if bundle_dir is not None else Path.cwd()
     args = parse_args(argv, bundle)
+    if args.images:
+        try:
+            results = classify_images(args)
+        except RuntimeInputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for result in results:
+            print(result["file"])
+            for top in result["top"]:
+                print(f"  {top['label']:<20} {100 * top['prob']:5.1f}%  (class {top['index']})")
+        if args.logits_out:
+            write_json_atomic([{k: r[k] for k in ("file", "logits", "top1", "label")} for r in results],
+                              Path(args.logits_out))
+            print(f"wrote {args.logits_out}")
+        return 0
     try:
         document = run_device_benchmark(args, log=lambda message: print(message, flush=True))
         validate_device_json(document)  # never hand back a file that `edgekd report --merge` would refuse

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmark this deploy bundle's model on the device it runs on and write device.json.
+"""Benchmark this deploy bundle's model on the device it runs on and write device.json, or classify images.
 
 Needs only `pip install onnxruntime numpy`. Run `python3 run_on_device.py --help` for the options;
 with none it measures model.onnx (and model.ort) beside this file on eval.npz, 1 thread and all cores.
+
+  python3 run_on_device.py --images photo.jpg scan.png [--top 3] [--logits-out logits.json]
+
+classifies image files with preprocess.json's transform (decoding needs `pip install pillow` too).
 
 The code is the `edgekd_runtime/` folder beside this file: a copy of edgekd's torch-free runtime that
 the pipeline puts in every bundle. Inside an edgekd checkout or install, `edgekd.runtime` is used instead.
