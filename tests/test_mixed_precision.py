@@ -156,6 +156,24 @@ def test_a_final_head_to_head_race_overrules_a_noisy_step_timing() -> None:
     assert [k["node"] for k in result["kept_fp32"]] == ["a"]
 
 
+class PairMeasurer(FakeMeasurer):
+    """b and c only recover accuracy together (the activation between them stays quantized otherwise)."""
+
+    def accuracy(self, settings: qz.QuantSettings) -> dict[str, float]:
+        drop = 0.0 if {"b", "c"} <= set(settings.exclude_nodes) else 0.05
+        return {"accuracy_drop": drop, "agreement": 1 - drop, "logit_error": drop}
+
+
+def test_when_no_node_recovers_alone_producer_consumer_pairs_are_measured() -> None:
+    m = PairMeasurer(cost={"a": 0, "b": 0, "c": 0, "d": 0}, fp32_us={n: 50 for n in "abcd"},
+                     int8_us={n: 20 for n in "abcd"})
+    result = mp.search_mixed_precision(qz.QuantSettings(), list(m.cost), m, _gains(m), max_drop=0.01)
+    assert result["met"] and [p["nodes"] for p in result["pairs"]] == [["a", "b"], ["b", "c"], ["c", "d"]]
+    assert sorted(k["node"] for k in result["kept_fp32"]) == ["b", "c"]
+    pair_step = next(s for s in result["steps"] if s["what"] == "keep b and c in float")
+    assert pair_step["meets"] and pair_step["step"] == 1  # straight after all-int8: the pair ranked first
+
+
 def _gains(m: FakeMeasurer) -> dict[str, dict[str, float]]:
     return {n: {"fp32_us": m.fp32_us[n], "int8_us": m.int8_us[n], "gain_us": m.fp32_us[n] - m.int8_us[n]}
             for n in m.cost}

@@ -36,6 +36,7 @@ log = logging.getLogger("edgekd")
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 _PASS_THROUGH = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "BatchNormalization")
+PAIR_THRESHOLD = 0.01  # pairs are measured when no single node recovers more than 1 % of the logit error
 RACE_FINALISTS = 3  # candidates within the limits re-timed head to head at the end
 WEIGHT_RANGE_GAIN = 0.02  # 8-bit weights kept for a layer only when they cut the logit error by more than 2 %
 
@@ -234,17 +235,33 @@ def search_mixed_precision(base: QuantSettings, nodes: Sequence[str], measurer: 
         if trial["speedup"] >= row["speedup"]:  # the whole graph measured faster, not just the sum of parts
             current, row = candidate, trial
 
-    def score(name: str) -> float:
-        recovered = max(sensitivity[name]["error_recovered"], 0.0)
-        gain = max(gains.get(name, {}).get("gain_us", 1.0), 1.0)  # unknown gain: as if 1 us
+    def score(names: tuple[str, ...]) -> float:
+        recovered = max(pair_recovery.get(names, sensitivity[names[0]]["error_recovered"]), 0.0)
+        gain = max(sum(gains.get(n, {}).get("gain_us", 1.0) for n in names), 1.0)  # unknown gain: as if 1 us
         return recovered / gain
 
-    remaining = sorted((n for n in nodes if n not in current.exclude_nodes), key=score, reverse=True)
+    # When no node recovers anything alone (an activation between two weighted nodes stays quantized unless
+    # both are float: QDQ propagation), measure producer/consumer pairs too.
+    pair_recovery: dict[tuple[str, ...], float] = {}
+    pairs: list[dict[str, Any]] = []
+    units: list[tuple[str, ...]] = [(n,) for n in nodes if n not in current.exclude_nodes]
+    if not meets(row, max_drop, min_agreement) and len(units) > 1 and \
+            max(sensitivity[u[0]]["error_recovered"] for u in units) <= PAIR_THRESHOLD * row["logit_error"]:
+        for first, second in zip(units, units[1:]):
+            pair = (first[0], second[0])
+            result = measurer.accuracy(replace(current, exclude_nodes=(*current.exclude_nodes, *pair)))
+            pair_recovery[pair] = row["logit_error"] - result["logit_error"]
+            pairs.append({"nodes": list(pair), "error_recovered": pair_recovery[pair],
+                          "accuracy_drop": result["accuracy_drop"], "agreement": result["agreement"]})
+        units = [p for p in pair_recovery if pair_recovery[p] > 0] + units
+    remaining = sorted(units, key=score, reverse=True)
     while not meets(row, max_drop, min_agreement) and remaining and len(steps) < max_steps:
-        name = remaining.pop(0)
-        current = replace(current, exclude_nodes=(*current.exclude_nodes, name))
-        row = measure(current, f"keep {name} in float")
-        why[name] = "accuracy"
+        unit = [n for n in remaining.pop(0) if n not in current.exclude_nodes]
+        if not unit:
+            continue
+        current = replace(current, exclude_nodes=(*current.exclude_nodes, *unit))
+        row = measure(current, f"keep {' and '.join(unit)} in float")
+        why.update({n: "accuracy" for n in unit})
 
     # Give back to int8 the accuracy-driven nodes that turned out not to be needed (latest first).
     if meets(row, max_drop, min_agreement):
@@ -276,7 +293,7 @@ def search_mixed_precision(base: QuantSettings, nodes: Sequence[str], measurer: 
              "accuracy_recovered": sensitivity.get(n, {}).get("accuracy_recovered"),
              **{k: v for k, v in gains.get(n, {}).items()}} for n in chosen.exclude_nodes]
     return {"settings": chosen, "chosen": steps[best], "kept_fp32": kept, "weight_ranges": weight_rows,
-            "sensitivity": sens, "steps": steps, "race": race, "met": bool(within), "search_s": clock() - start,
+            "sensitivity": sens, "pairs": pairs, "steps": steps, "race": race, "met": bool(within), "search_s": clock() - start,
             "reference": reference}
 
 

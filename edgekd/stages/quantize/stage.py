@@ -270,7 +270,7 @@ def _mixed_precision(q: Any, base: Any, src: Path, pre: Path, work: Path, reader
              f"weighted nodes in float")
     metrics = {"nodes": len(nodes), "kept_fp32": result["kept_fp32"], "weight_ranges": result["weight_ranges"],
                "sensitivity": result["sensitivity"], "gains": profiled["gains"], "steps": result["steps"],
-               "race": result["race"],
+               "race": result["race"], "pairs": result["pairs"],
                "met": result["met"], "max_accuracy_drop": q.max_accuracy_drop, "min_agreement": q.min_agreement,
                "search_s": time.perf_counter() - start, "candidates_quantized": len(measurer.files),
                "profile_run_us": {"fp32": profiled["fp32_us"], "int8": profiled["int8_us"]}}
