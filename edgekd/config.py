@@ -61,6 +61,7 @@ class PipelineConfig(Section):
     """Report rendering."""
 
     _dataset_files: dict[str, Any] | None = PrivateAttr(default=None)
+    _data_defaults: tuple[dict[str, Any]] | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -80,6 +81,12 @@ class PipelineConfig(Section):
     def _cross_checks(self) -> PipelineConfig:
         if self.prune is not None and self.prune.source == "student" and self.distill is None:
             raise ValueError("prune.source: 'student' needs the distill stage (enable distill or prune the teacher)")
+        if self.teacher.onnx is not None:  # an ONNX teacher gives logits only: no features, no weights to prune
+            if self.distill is not None and self.distill.hint is not None:
+                raise ValueError("distill.hint: hint losses need the teacher's features, which an ONNX teacher "
+                                 "(teacher.onnx) does not expose; remove distill.hint or use a PyTorch teacher")
+            if self.prune is not None and self.prune.source == "teacher":
+                raise ValueError("prune.source: an ONNX teacher (teacher.onnx) cannot be pruned; prune the student")
         if self.budgets.latency_threads not in self.benchmark.threads:
             raise ValueError(
                 f"budgets.latency_threads: {self.budgets.latency_threads} is not in benchmark.threads {self.benchmark.threads}"
@@ -108,8 +115,22 @@ class PipelineConfig(Section):
             from edgekd.data.sources import dataset_signature
 
             self._dataset_files = dataset_signature(self.data)
-        view = {"data": self.data.view(), "seed": self.seed}
+        view: dict[str, Any] = {"data": self.data.view(), "seed": self.seed}
+        defaults = self.data_defaults()
+        if defaults:  # resize/crop/mean/std the config leaves to the pretrained weights decide the inputs too
+            view["pretrained_preprocessing"] = defaults
         return {**view, "dataset_files": self._dataset_files} if self._dataset_files else view
+
+    def data_defaults(self) -> dict[str, Any] | None:
+        """For image files: the eval transform of the run's pretrained weights (teacher first, then student),
+        which fills the data keys the config leaves unset; None otherwise (bundled datasets keep theirs)."""
+        if self.data.dataset not in ("imagefolder", "filelist"):
+            return None
+        if self._data_defaults is None:
+            from edgekd.models.pretrained import preprocessing_defaults
+
+            self._data_defaults = (preprocessing_defaults(self.teacher, self.student) or {},)
+        return self._data_defaults[0] or None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dump (paths as strings, aliases as written in YAML): what resolved-config.yaml records."""
@@ -156,6 +177,8 @@ def validate_config(raw: Any, source: str = "pipeline.yaml", base_dir: Path | No
     cfg.data.root = _resolve(cfg.data.root, base)
     cfg.data.val_root = _resolve(cfg.data.val_root, base)
     cfg.teacher.checkpoint = _resolve(cfg.teacher.checkpoint, base)
+    cfg.teacher.onnx = _resolve(cfg.teacher.onnx, base)
+    cfg.student.checkpoint = _resolve(cfg.student.checkpoint, base)
     _check_paths_exist(cfg, source)
     return cfg
 
@@ -166,23 +189,30 @@ _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 def _check_paths_exist(cfg: PipelineConfig, source: str) -> None:
     """Missing input files are config errors, caught before anything is written."""
-    checkpoint = cfg.teacher.checkpoint
-    if checkpoint is not None:
+    for key, checkpoint in (("teacher.checkpoint", cfg.teacher.checkpoint),
+                            ("student.checkpoint", cfg.student.checkpoint)):
+        if checkpoint is None:
+            continue
         if not checkpoint.is_file():
-            raise ConfigError(f"{source}: teacher.checkpoint: no such file: {checkpoint}")
+            raise ConfigError(f"{source}: {key}: no such file: {checkpoint}")
         try:
             with open(checkpoint, "rb") as handle:
                 head = handle.read(4)
         except OSError as exc:
-            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: cannot read ({exc.strerror})") from None
+            raise ConfigError(f"{source}: {key}: {checkpoint}: cannot read ({exc.strerror})") from None
         if not head:
-            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: empty file, not a PyTorch checkpoint")
+            raise ConfigError(f"{source}: {key}: {checkpoint}: empty file, not a PyTorch checkpoint")
         if not head.startswith(_CHECKPOINT_MAGIC):
-            raise ConfigError(f"{source}: teacher.checkpoint: {checkpoint}: not a PyTorch checkpoint "
+            raise ConfigError(f"{source}: {key}: {checkpoint}: not a PyTorch checkpoint "
                               f"(expected a torch.save file; it starts with {head!r})")
+    if cfg.teacher.onnx is not None and not cfg.teacher.onnx.is_file():
+        raise ConfigError(f"{source}: teacher.onnx: no such file: {cfg.teacher.onnx}")
     for key, folder in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
         downloadable = key == "data.root" and cfg.data.dataset == "cifar10" and cfg.data.download
-        if folder is not None and not folder.is_dir() and not downloadable:
+        if cfg.data.dataset == "filelist":  # a .csv / .jsonl list of path,label
+            if folder is not None and not folder.is_file():
+                raise ConfigError(f"{source}: {key}: no such file list: {folder}")
+        elif folder is not None and not folder.is_dir() and not downloadable:
             raise ConfigError(f"{source}: {key}: no such folder: {folder}")
 
 

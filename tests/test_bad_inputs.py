@@ -4,7 +4,7 @@ output, a finished run's files) is changed or deleted. (Exit 3, a run-time failu
 
 Config, CLI-argument, environment, output-path, ONNX and report cases fail before torch is imported (under a
 second each); model cases fail in `edgekd run`'s pre-flight (models built on the meta device, before anything
-is written); only data that has to be decoded (a corrupt image, a decompression bomb, mixed channels) fails
+is written); only data that has to be decoded (a corrupt image, a decompression bomb) fails
 in the teacher stage, before any training. The cases run as subprocesses two at a time (one module-scoped
 pool); each test then asserts on its own case.
 """
@@ -112,9 +112,19 @@ def corrupt_image(folder: Path) -> None:
     (folder / "images" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
 
 
-def mixed_channels(folder: Path) -> None:
-    write_png(folder / "images" / "a_grey" / "0.png", "L")
-    write_png(folder / "images" / "b_colour" / "0.png", "RGB")
+def filelist(**extra: Any) -> dict[str, Any]:
+    return {"data": {"dataset": "filelist", "root": "list.csv", "image_size": 12, **extra}}
+
+
+def image_list(rows: str) -> Callable[[Path], None]:
+    """list.csv with `rows` after the header, and the images cat/0..2.png, dog/0..2.png it may name."""
+    def write(folder: Path) -> None:
+        for i in range(3):
+            write_png(folder / "cat" / f"{i}.png", "L", value=40 * i)
+            write_png(folder / "dog" / f"{i}.png", "L", value=200 - 40 * i)
+        good = "".join(f"{name}/{i}.png,{name}\n" for name in ("cat", "dog") for i in range(3))
+        (folder / "list.csv").write_text("path,label,split\n" + good.replace("\n", ",train\n") + rows)
+    return write
 
 
 def empty_class(folder: Path) -> None:
@@ -361,11 +371,19 @@ CASES = [
     config_case("data-class-folder-without-images", imagefolder(),
                 r"^pipeline\.yaml: data\.root: .*/images/empty: class folder without images \(add images or remove",
                 extra=empty_class),
-    stage_case("data-corrupt-image", imagefolder(), r"/images/dog/broken\.png: unreadable image \((OSError|UnidentifiedImageError)",
+    stage_case("data-corrupt-image", imagefolder(val_fraction=0.2), r"/images/dog/broken\.png: unreadable image \((OSError|UnidentifiedImageError)",
                extra=corrupt_image),
-    stage_case("data-wrong-channels", imagefolder(), r"/b_colour/0\.png: has 3 channels, expected 1 \(set data\.channels",
-               extra=mixed_channels),
-    stage_case("data-decompression-bomb", imagefolder(), r"/images/dog/1\.png: refused: image too large, a decompression bomb\?",
+    config_case("data-list-missing-file", filelist(),
+                r"^pipeline\.yaml: data\.root: .*/list\.csv: line 8: no such image file: .*/cat/9\.png$",
+                extra=image_list("cat/9.png,cat,test\n")),
+    config_case("data-list-unknown-label", filelist(),
+                r"^pipeline\.yaml: data\.root: .*/list\.csv: line 8: unknown label 'cow' \(the training labels are: "
+                r"cat, dog\)$", extra=image_list("cat/0.png,cow,val\n")),
+    config_case("data-list-not-a-list", {"data": {"dataset": "filelist", "root": "images"}},
+                r"^pipeline\.yaml: data\.root: a filelist is a \.csv or \.jsonl file \(got images\)$"),
+    config_case("data-crop-larger-than-resize", imagefolder(image_size=None, resize=32, crop=48),
+                r"^pipeline\.yaml: data\.crop: \[48, 48\] does not fit in resize 32 \(crop <= resize\)$"),
+    stage_case("data-decompression-bomb", imagefolder(val_fraction=0.2), r"/images/dog/1\.png: refused: image too large, a decompression bomb\?",
                extra=decompression_bomb),
     # -- models -------------------------------------------------------------------------------------
     config_case("model-unknown-name", {"teacher": {"model": "resnet_nope"}},
@@ -556,7 +574,7 @@ def test_bad_input_matrix_covers_every_category_with_at_least_60_cases() -> None
 
 def test_run_writes_junit_with_an_error_case_when_a_stage_fails(tmp_path: Path) -> None:
     """CI reads a failed run from --junit too: one <error> case naming the stage and the cause."""
-    write_config(tmp_path, imagefolder())
+    write_config(tmp_path, imagefolder(val_fraction=0.2))  # 6 images: one for validation
     corrupt_image(tmp_path)
     proc = run_edgekd("run", "pipeline.yaml", "--junit", "ci/junit.xml", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

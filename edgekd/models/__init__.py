@@ -1,6 +1,9 @@
-"""Model registry: the built-in CNN family, `torchvision:<name>`, and `pkg.module:factory` for user code.
+"""Model registry: the built-in CNN family, `torchvision:<name>`, `timm:<name>` (the optional `timm` extra),
+and `pkg.module:factory` for user code.
 
-`create_model(spec, num_classes=..., in_channels=..., input_size=...)` is the one public factory.
+`create_model(spec, num_classes=..., in_channels=..., input_size=...)` is the one public factory; pretrained
+weights (`weights=` for torchvision, `pretrained=True` for timm) come from the local cache only
+(`edgekd.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from torch import nn
 
 from edgekd.errors import InputError
 from edgekd.models.cnn import CNN_PRESETS, EdgeCNN
+from edgekd.models.heads import classifier_name
 
 __all__ = ["available_models", "create_model", "count_parameters", "classifier_name"]
 
 
 def available_models() -> list[str]:
-    return ["cnn", *CNN_PRESETS, "torchvision:<name>", "<pkg.module>:<factory>"]
+    return ["cnn", *CNN_PRESETS, "torchvision:<name>", "timm:<name>", "<pkg.module>:<factory>"]
+
+# Libraries whose models are named `<library>:<name>` (everything else with a colon is a user factory).
+LIBRARY_PREFIXES = ("torchvision:", "timm:")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -34,12 +41,27 @@ def create_model(
     input_size: int,
     kwargs: dict[str, Any] | None = None,
     field: str = "model",
+    weights: str | None = None,
+    pretrained: bool = False,
+    load_weights: bool = True,
 ) -> nn.Module:
-    """Build a model by registry name, `torchvision:<name>` or `pkg.module:factory`.
+    """Build a model by registry name, `torchvision:<name>`, `timm:<name>` or `pkg.module:factory`.
 
-    `field` names the config key in error messages (e.g. 'teacher.model').
+    `field` names the config key in error messages (e.g. 'teacher.model'). `weights` (torchvision enum name or
+    DEFAULT) / `pretrained` (timm) start from pretrained weights with the head replaced for `num_classes`;
+    `load_weights=False` builds the same architecture without reading them (a checkpoint is loaded next).
     """
     kwargs = dict(kwargs or {})
+    if weights is not None and not spec.startswith("torchvision:"):
+        raise InputError(f"{field.replace('.model', '.weights')}: weights are for torchvision:<name> models "
+                         f"(got model '{spec}'; timm models take pretrained: true)")
+    if pretrained and not spec.startswith("timm:"):
+        raise InputError(f"{field.replace('.model', '.pretrained')}: pretrained is for timm:<name> models "
+                         f"(got model '{spec}'; torchvision models take weights: DEFAULT)")
+    if spec.startswith("timm:"):
+        from edgekd.models.pretrained import create_timm
+
+        return create_timm(spec.split(":", 1)[1], num_classes, in_channels, kwargs, field, pretrained, load_weights)
     if spec == "cnn" or spec in CNN_PRESETS:
         options = {**CNN_PRESETS.get(spec, {}), **kwargs}
         try:
@@ -49,7 +71,12 @@ def create_model(
     if spec.startswith("torchvision:"):
         from edgekd.models.tv import create_torchvision
 
-        return create_torchvision(spec.split(":", 1)[1], num_classes, in_channels, input_size, kwargs, field)
+        name = spec.split(":", 1)[1]
+        if weights is not None:
+            from edgekd.models.pretrained import create_torchvision_pretrained
+
+            return create_torchvision_pretrained(name, weights, num_classes, in_channels, kwargs, field, load_weights)
+        return create_torchvision(name, num_classes, in_channels, input_size, kwargs, field)
     if ":" in spec:
         return _from_factory(spec, num_classes, in_channels, input_size, kwargs, field)
     raise InputError(f"{field}: unknown model '{spec}' (available: {', '.join(available_models())})")
@@ -80,27 +107,21 @@ def _from_factory(spec: str, num_classes: int, in_channels: int, input_size: int
     return model
 
 
-def classifier_name(model: nn.Module) -> str | None:
-    """Name of the final classification layer (the last Linear, or last Conv when there is none)."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d):
-                last = name
-    return last
-
-
-def model_meta(spec: str, kwargs: dict[str, Any] | None, role: str) -> dict[str, Any]:
-    """What a checkpoint records so `load_model` can rebuild the architecture."""
-    return {"model": spec, "model_kwargs": dict(kwargs or {}), "role": role}
+def model_meta(spec: str, kwargs: dict[str, Any] | None, role: str, *, weights: str | None = None,
+               pretrained: bool = False) -> dict[str, Any]:
+    """What a checkpoint records so `load_model` can rebuild the architecture (a pretrained model's differs:
+    the architecture its weights were trained for, see `models.pretrained`)."""
+    meta: dict[str, Any] = {"model": spec, "model_kwargs": dict(kwargs or {}), "role": role}
+    if weights is not None:
+        meta["weights"] = weights
+    if pretrained:
+        meta["pretrained"] = True
+    return meta
 
 
 def is_user_factory(spec: str) -> bool:
     """True for a `pkg.module:factory` spec (user code that is imported and called)."""
-    return ":" in spec and not spec.startswith("torchvision:")
+    return ":" in spec and not spec.startswith(LIBRARY_PREFIXES)
 
 
 def load_model(path, *, num_classes: int, in_channels: int, input_size: int,  # noqa: ANN001
@@ -124,7 +145,8 @@ def load_model(path, *, num_classes: int, in_channels: int, input_size: int,  # 
         )
     model = create_model(
         meta["model"], num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-        kwargs=meta.get("model_kwargs"), field=f"{path}",
+        kwargs=meta.get("model_kwargs"), field=f"{path}", weights=meta.get("weights"),
+        pretrained=bool(meta.get("pretrained")), load_weights=False,
     )
     if meta.get("structure"):
         from edgekd.models.structure import apply_structure

@@ -82,12 +82,23 @@ def training_checks(manifest: Manifest) -> list[dict[str, Any]]:
     return [{"model": model, **check} for model, check in sources if check]
 
 
+def data_loading(manifest: Manifest) -> list[dict[str, Any]]:
+    """Per training: the share of the step time spent waiting for the next batch (image files are decoded by
+    the loader's workers), images/s, and the knob to turn when the loader is the bottleneck."""
+    teacher, distill, prune = (manifest.metrics(stage.NAME) for stage in (teacher_stage, distill_stage, prune_stage))
+    sources = (("teacher", teacher.get("data_loader")), ("distill", distill.get("data_loader")),
+               ("distill baseline", distill.get("baseline_data_loader")), ("prune recovery", prune.get("data_loader")))
+    keys = ("wait_fraction", "images_per_s", "streamed", "num_workers", "bottleneck", "advice")
+    return [{"training": name, **{k: loader.get(k) for k in keys}} for name, loader in sources if loader]
+
+
 def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, Any], distill: dict[str, Any],
            threads: int, batch: int, not_deployable: dict[str, str],
-           training: list[dict[str, Any]]) -> list[dict[str, Any]]:
+           training: list[dict[str, Any]], loading: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Compression that did nothing (no smaller / no faster than its source), models at chance level or whose
-    eval mode collapsed, int8 fallback, no KD gain."""
+    eval mode collapsed, int8 fallback, no KD gain, a data loader that holds training back."""
     flags: list[dict[str, Any]] = []
+    loading = loading or []
     checks = []
     if prune and find_row(rows, PRUNED):
         checks.append((PRUNED, prune["source"], "pruning"))
@@ -111,6 +122,10 @@ def _flags(rows: list[dict[str, Any]], prune: dict[str, Any], quant: dict[str, A
         if reason.startswith("at chance level"):
             flags.append({"kind": "at_chance", "artifact": name, "source": None,
                           "message": f"{name} is not deployed: {reason}"})
+    for loader in loading:
+        if loader.get("bottleneck") and loader.get("advice"):
+            flags.append({"kind": "loader_bottleneck", "artifact": None, "source": None,
+                          "message": f"{loader['training']}: {loader['advice']}"})
     for check in training:
         if check.get("message"):
             flags.append({"kind": "eval_mode_collapse" if check.get("diverged") else "trained_at_chance",
@@ -156,7 +171,9 @@ def _sections(manifest: Manifest) -> dict[str, Any]:
     export = manifest.metrics(export_stage.NAME)
     data = teacher.get("data") or {}
     out: dict[str, Any] = {
-        "data": {k: data.get(k) for k in ("dataset", "num_classes", "input_shape", "split_sizes")},
+        "data": {**{k: data.get(k) for k in ("dataset", "num_classes", "input_shape", "split_sizes")},
+                 # image files: the resize/crop they go through and the unreadable ones skipped
+                 **{k: data[k] for k in ("resize", "crop", "skipped_images") if data.get(k) is not None}},
         "teacher": {"model": teacher.get("model"), "params": teacher.get("params"),
                     "val_accuracy": teacher.get("val_accuracy"), "test_accuracy": teacher.get("test_accuracy")},
         "distill": None, "pruning": None, "quantization": None, "export": None,
@@ -267,6 +284,7 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
     num_classes = int((sections["data"] or {}).get("num_classes") or 2)
     not_deployable = _not_deployable(quant, rows, num_classes)
     checks = training_checks(manifest)
+    loading = data_loading(manifest)
     for row in rows:
         row["deployable"] = row["name"] not in not_deployable
     choice, candidates = choose_artifact(rows, budgets, not_deployable)
@@ -290,8 +308,9 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
                      "kind": deployed_row.get("kind"), "reason": choice["reason"], "rule": choice["rule"],
                      "budgets_passed": all(v["passed"] for v in verdicts), "files": []},
         "flags": _flags(rows, prune, quant, manifest.metrics(distill_stage.NAME), threads, batch, not_deployable,
-                        checks),
+                        checks, loading),
         "training_checks": checks,
+        "data_loading": loading,
         "torch_reference": copy.deepcopy(bench.get("torch_reference")),
         "mobile": copy.deepcopy(bench.get("mobile")),
         "profile": copy.deepcopy(operator_profile(bench, quant, choice["artifact"])),

@@ -103,7 +103,8 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     mixed = tables.mixed_precision_section(report)
     for section in [*([mixed] if mixed else []), *tables.profile_sections(report)]:
         out.append(_section(section))
-    for section in (tables.training_checks_section(report), tables.arm_section(report), tables.devices_section(report)):
+    for section in (tables.training_checks_section(report), tables.data_loading_section(report),
+                    tables.arm_section(report), tables.devices_section(report)):
         if section is not None:
             out.append(_section(section))
     out.append(f'<section id="environment"><h2>Environment</h2>{html_table(tables.environment_table(report))}</section>')

@@ -63,7 +63,8 @@ def render_markdown(report: dict[str, Any], plot_names: list[str]) -> str:
     mixed = tables.mixed_precision_section(report)
     for section in [*([mixed] if mixed else []), *tables.profile_sections(report)]:
         lines += _section(section)
-    for section in (tables.training_checks_section(report), tables.arm_section(report), tables.devices_section(report)):
+    for section in (tables.training_checks_section(report), tables.data_loading_section(report),
+                    tables.arm_section(report), tables.devices_section(report)):
         if section is not None:
             lines += _section(section)
     lines += ["## Environment", ""] + md_table(tables.environment_table(report))

@@ -268,6 +268,22 @@ def training_checks_section(report: dict[str, Any]) -> Section | None:
                    Table(["model", "eval mode", "batch statistics", "chance", "verdict"], rows, "training-checks"))
 
 
+def data_loading_section(report: dict[str, Any]) -> Section | None:
+    """How long each training waited for its batches; shown for image files streamed from disk, or whenever
+    the loader held training back."""
+    loading = report.get("data_loading") or []
+    if not any(row.get("streamed") or row.get("bottleneck") for row in loading):
+        return None
+    rows = [[row["training"], f"{row['wait_fraction']:.1%}" if row.get("wait_fraction") is not None else "",
+             num(row.get("images_per_s")), num(row.get("num_workers")),
+             "bottleneck" if row.get("bottleneck") else "ok"] for row in loading]
+    advice = [row["advice"] for row in loading if row.get("advice")]
+    return Section("Data loading", "data-loading",
+                   ["Share of each training's step time spent waiting for the next batch (decoding and resizing "
+                    "the image files in the loader's worker processes)."] + advice[:1],
+                   Table(["training", "loader wait", "images/s", "workers", "verdict"], rows, "data-loading"))
+
+
 def arm_section(report: dict[str, Any]) -> Section | None:
     arm = report.get("arm_check")
     if not arm:

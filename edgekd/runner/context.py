@@ -16,7 +16,8 @@ from edgekd.train import distributed
 
 class RunContext:
     def __init__(self, *, run_dir: Path, manifest: Manifest, seed: int, data_config: Any, device: str,
-                 model_factories: tuple[str, ...], files: RunFiles | None = None) -> None:
+                 model_factories: tuple[str, ...], files: RunFiles | None = None,
+                 data_defaults: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.manifest = manifest
         self.files = files or RunFiles(run_dir, manifest, checked=False)
@@ -24,6 +25,8 @@ class RunContext:
         self.seed = seed
         self.data_config = data_config
         """The `data:` section (batch sizes; what `data` loads)."""
+        self.data_defaults = data_defaults
+        """The pretrained weights' eval transform, for what `data:` leaves unset (image files only)."""
         self.model_factories = model_factories
         """The model specs the config names: the only `pkg.module:factory` a checkpoint's meta may rebuild."""
         self._device_name = device
@@ -78,11 +81,13 @@ class RunContext:
     def data(self) -> Any:
         from edgekd.data.bundle import load_data
 
-        return load_data(self.data_config, seed=self.seed)
+        return load_data(self.data_config, seed=self.seed, defaults=self.data_defaults)
 
-    def build_model(self, spec: str, kwargs: dict[str, Any], field: str) -> Any:
-        """An untrained model shaped for this run's data, its initial weights drawn from the run's seed
-        (so two runs of one config start from, and end with, the same weights)."""
+    def build_model(self, spec: str, kwargs: dict[str, Any], field: str, *, weights: str | None = None,
+                    pretrained: bool = False, load_weights: bool = True) -> Any:
+        """A model shaped for this run's data, its initial weights drawn from the run's seed (so two runs of one
+        config start from, and end with, the same weights); with `weights` / `pretrained`, the pretrained
+        weights from the local cache and a fresh head (`load_weights=False`: the architecture only)."""
         import torch
 
         from edgekd.models import create_model
@@ -90,7 +95,8 @@ class RunContext:
         meta = self.data.meta
         torch.manual_seed(self.seed)
         return create_model(spec, num_classes=meta.num_classes, in_channels=meta.channels, input_size=meta.height,
-                            kwargs=kwargs, field=field)
+                            kwargs=kwargs, field=field, weights=weights, pretrained=pretrained,
+                            load_weights=load_weights)
 
     def load_model(self, name: str, *, device: Any = None, written_here: bool = False) -> Any:
         """The model in checkpoint `name` (e.g. 'teacher.pt'), in eval mode on `device` (default: the run's).

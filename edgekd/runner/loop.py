@@ -153,7 +153,8 @@ def context_for(cfg: PipelineConfig, manifest: Manifest, device: str | None = No
     """The context stages of this config run in (`device` overrides the config's). Without `files` (a stage
     run on its own), writes are kept inside the run directory but not checked against the manifest's record."""
     return RunContext(run_dir=cfg.run_dir, manifest=manifest, seed=cfg.seed, data_config=cfg.data,
-                      device=device or cfg.device, model_factories=cfg.model_factories, files=files)
+                      device=device or cfg.device, model_factories=cfg.model_factories, files=files,
+                      data_defaults=cfg.data_defaults())
 
 
 def _open_run_dir(run_dir: Path) -> RunFiles:

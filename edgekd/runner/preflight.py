@@ -85,8 +85,9 @@ def check_models(cfg: PipelineConfig, source: str) -> None:
     """The model-dependent checks; errors become `source: key: problem` lines."""
     from edgekd.data.sources import data_shape
 
+    defaults = cfg.data_defaults()  # the pretrained weights' eval transform (an unknown enum is its own error)
     try:
-        shape = data_shape(cfg.data)  # torch-free: a bad data folder is reported without importing torch
+        shape = data_shape(cfg.data, defaults)  # torch-free: a bad data folder is reported without importing torch
     except InputError as exc:
         raise ConfigError(f"{source}: data.root: {exc}") from None
     import torch
@@ -99,17 +100,26 @@ def check_models(cfg: PipelineConfig, source: str) -> None:
 
 
 def _check_models(cfg: PipelineConfig, shape: DataShape) -> None:
-    teacher = _build(cfg.teacher.model, cfg.teacher.model_kwargs, "teacher.model", shape)
-    if cfg.teacher.checkpoint is not None:
+    if cfg.teacher.onnx is not None:  # checked against the data; hints and pruning it are config errors
+        _check_onnx_teacher(cfg, shape)
+        teacher = None
+    else:
+        teacher = _build(cfg.teacher.model, cfg.teacher.model_kwargs, "teacher.model", shape, cfg.teacher.weights,
+                         cfg.teacher.pretrained, load_weights=cfg.teacher.checkpoint is None)
+    if cfg.teacher.checkpoint is not None and teacher is not None:
         _check_checkpoint(teacher, cfg.teacher.checkpoint)
     student = None
     if cfg.distill is not None:
-        student = _build(cfg.student.model, cfg.student.model_kwargs, "student.model", shape)
+        student = _build(cfg.student.model, cfg.student.model_kwargs, "student.model", shape, cfg.student.weights,
+                         cfg.student.pretrained, load_weights=cfg.student.checkpoint is None)
+        if cfg.student.checkpoint is not None:
+            _check_checkpoint(student, cfg.student.checkpoint, "student.checkpoint")
         if cfg.distill.hint is not None:
             _check_hint(cfg, teacher, student, shape)
     if cfg.prune is not None and cfg.prune.ignore:
         from edgekd.stages.prune.pruning import resolve_ignored
 
+        assert teacher is not None or cfg.prune.source == "student"  # config refuses pruning an ONNX teacher
         pruned = teacher if cfg.prune.source == "teacher" or student is None else student
         resolve_ignored(pruned, cfg.prune.ignore, what=cfg.prune.source)
     if cfg.benchmark.providers:
@@ -121,7 +131,24 @@ def _check_models(cfg: PipelineConfig, shape: DataShape) -> None:
             raise InputError(f"benchmark.providers: {exc}") from None
 
 
-def _build(spec: str, kwargs: dict[str, Any], field: str, shape: DataShape) -> nn.Module:
+def _check_onnx_teacher(cfg: PipelineConfig, shape: DataShape) -> None:
+    """teacher.onnx against the data: one image input of its channels and size, one score per class; a fixed
+    batch size must be the only one the benchmark runs."""
+    from edgekd.models.onnx_teacher import inspect_onnx_teacher
+
+    assert cfg.teacher.onnx is not None
+    info = inspect_onnx_teacher(cfg.teacher.onnx, channels=shape.channels, height=shape.size, width=shape.size,
+                                num_classes=shape.num_classes)
+    batches = sorted(set(cfg.benchmark.batch_sizes))
+    if info.fixed_batch is not None and batches != [info.fixed_batch]:
+        raise InputError(f"teacher.onnx: {cfg.teacher.onnx.name} takes batches of exactly {info.fixed_batch}, "
+                         f"benchmark.batch_sizes asks for {batches}: re-export it with a dynamic batch axis "
+                         f"(tf2onnx's default; torch.onnx.export(dynamic_axes=...)) or set benchmark.batch_sizes: "
+                         f"[{info.fixed_batch}]")
+
+
+def _build(spec: str, kwargs: dict[str, Any], field: str, shape: DataShape, weights: str | None = None,
+           pretrained: bool = False, load_weights: bool = True) -> nn.Module:
     """The model as the stages build it, for the data's shape; checked to map a batch to one logit per class.
 
     Built on the meta device (no memory, no weight init: checks the name and model_kwargs in milliseconds),
@@ -135,7 +162,8 @@ def _build(spec: str, kwargs: dict[str, Any], field: str, shape: DataShape) -> n
 
     def build() -> nn.Module:
         return create_model(spec, num_classes=shape.num_classes, in_channels=shape.channels,
-                            input_size=shape.size, kwargs=kwargs, field=field)
+                            input_size=shape.size, kwargs=kwargs, field=field, weights=weights,
+                            pretrained=pretrained, load_weights=load_weights)
 
     try:
         with torch.device("meta"):
@@ -157,14 +185,14 @@ def _build(spec: str, kwargs: dict[str, Any], field: str, shape: DataShape) -> n
     return model
 
 
-def _check_checkpoint(teacher: nn.Module, path: Path) -> None:
+def _check_checkpoint(model: nn.Module, path: Path, key: str = "teacher.checkpoint") -> None:
     from edgekd.models.checkpoint import check_fits, read_checkpoint
 
     try:
         state, _ = read_checkpoint(path)
-        check_fits(teacher, state, str(path))
+        check_fits(model, state, str(path))
     except InputError as exc:
-        raise InputError(f"teacher.checkpoint: {exc}") from None
+        raise InputError(f"{key}: {exc}") from None
 
 
 def _check_hint(cfg: PipelineConfig, teacher: nn.Module, student: nn.Module, shape: DataShape) -> None:

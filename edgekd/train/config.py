@@ -35,6 +35,9 @@ class TrainConfig(Section):
     """Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU."""
     channels_last: bool = False
     """Train in channels_last memory format (faster convolutions on recent GPUs)."""
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    """Train only the classifier head for this many first epochs (the backbone's weights and BatchNorm statistics
+    stay as they are), then everything: the usual start of fine-tuning from pretrained weights."""
     bn_recalibration_batches: int = Field(10, ge=0)
     """After each epoch, recompute BatchNorm running statistics over this many training batches (0: off) and keep
     them when they validate at least as well as the moving average, so validation, best-epoch selection and the

@@ -154,5 +154,5 @@ def build_hint(
         find_module(teacher, settings.teacher_layer, "distill.hint.teacher_layer", "teacher")
         find_module(student, settings.student_layer, "distill.hint.student_layer", "student")
         return None
-    probe = data.normalize(data.train.images[:2].to(device))
+    probe = data.sample(data.train, [0, 1]).to(device)
     return FeatureHint(teacher, student, settings.teacher_layer, settings.student_layer, settings.weight, probe)

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.data.bundle import DataBundle, Split
+from edgekd.data.bundle import DataBundle, FileSplit, Split
+from edgekd.data.loading import augment  # noqa: F401 - the bundled datasets' tensor augmentation, re-exported
 from edgekd.errors import InputError, StageFailed
 from edgekd.train import distributed
 from edgekd.train.batchnorm import batchnorm_buffers, restore_batchnorm_buffers
 from edgekd.train.config import TrainConfig
+from edgekd.train.freeze import BackboneFreeze
 from edgekd.train.objectives import CrossEntropyObjective, Objective
 
-SHIFT_PIXELS = 2
 MODE_GAP = 0.2  # eval-mode accuracy this far below batch-statistics accuracy: the BatchNorm statistics are wrong
 
 
@@ -48,73 +49,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-@dataclass
-class Batches:
-    """Index-based batching over an in-memory split (no DataLoader overhead for tensors already in memory).
-
-    `rank`/`world_size` shard the epoch's permutation through DistributedSampler under torchrun.
-    """
-
-    split: Split
-    data: DataBundle
-    batch_size: int
-    device: torch.device
-    shuffle: bool = False
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    _images: torch.Tensor | None = None
-    _labels: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        # On a GPU the whole uint8 split fits easily: copy it once, not every batch.
-        self._images = self.split.images.to(self.device)
-        self._labels = self.split.labels.to(self.device)
-
-    def indices(self, epoch: int) -> torch.Tensor:
-        count = len(self.split)
-        if self.world_size > 1:
-            from torch.utils.data import DistributedSampler
-
-            sampler = DistributedSampler(range(count), self.world_size, self.rank, shuffle=self.shuffle, seed=self.seed)
-            sampler.set_epoch(epoch)
-            return torch.tensor(list(iter(sampler)), dtype=torch.long)
-        if not self.shuffle:
-            return torch.arange(count)
-        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        return torch.randperm(count, generator=generator)
-
-    def __len__(self) -> int:
-        per_rank = math.ceil(len(self.split) / self.world_size)
-        return math.ceil(per_rank / self.batch_size)
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order = self.indices(epoch)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            device_index = index.to(self.device)
-            yield self.data.normalize(self._images[device_index]), self._labels[device_index], index
-
-
-def augment(inputs: torch.Tensor, data: DataBundle, generator: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 2 pixels (padding with the normalized value of a black pixel), plus
-    horizontal flips for natural images. Cheap tensor ops on the batch, on its device."""
-    n, c, h, w = inputs.shape
-    pad = SHIFT_PIXELS
-    background = torch.tensor([-m / s for m, s in zip(data.meta.mean, data.meta.std)], device=inputs.device)
-    canvas = background.view(1, c, 1, 1).expand(n, c, h + 2 * pad, w + 2 * pad).clone()
-    canvas[:, :, pad:pad + h, pad:pad + w] = inputs
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-    out = torch.empty_like(inputs)
-    for dy, dx in {tuple(o) for o in offsets.tolist()}:
-        chosen = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().squeeze(1).to(inputs.device)
-        out[chosen] = canvas[chosen, :, dy:dy + h, dx:dx + w]
-    if data.meta.natural_images:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(inputs.device)
-        out[flip] = out[flip].flip(-1)
-    return out
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -141,6 +75,33 @@ class FitResult:
     wall_s: float = 0.0
     mode_check: dict[str, Any] = field(default_factory=dict)
     """Eval-mode vs batch-statistics accuracy of the selected weights on the validation split (see check_modes)."""
+    loader: dict[str, Any] = field(default_factory=dict)
+    """Data loader wait vs step time over the training epochs (see loader_summary)."""
+
+
+LOADER_BOTTLENECK = 0.10  # waiting for batches more than this share of the step time: the loader limits training
+
+
+def loader_summary(wait_s: float, step_s: float, data: DataBundle, images: int) -> dict[str, Any]:
+    """How much of the training time went to waiting for the next batch, and which knob to turn when the
+    loader is the bottleneck."""
+    fraction = wait_s / step_s if step_s > 0 else 0.0
+    summary: dict[str, Any] = {"wait_fraction": round(fraction, 4), "wait_s": round(wait_s, 3),
+                               "step_s": round(step_s, 3), "images_per_s": round(images / step_s, 1) if step_s else None,
+                               "streamed": data.meta.streamed,
+                               # in-memory batching is index arithmetic: only the file loader has knobs to turn
+                               "bottleneck": data.meta.streamed and fraction > LOADER_BOTTLENECK,
+                               "advice": None}
+    if data.config is not None and data.meta.streamed:
+        from edgekd.data.loading import resolve_workers
+
+        summary["num_workers"] = resolve_workers(data.config.num_workers)
+    if summary["bottleneck"]:
+        summary["advice"] = (f"the data loader is the bottleneck ({fraction:.0%} of the step time waiting for "
+                             f"images): raise data.num_workers (now {summary.get('num_workers')}), store the images "
+                             "pre-resized near data.resize (decoding and resizing large photos costs most), or raise "
+                             "data.prefetch_factor")
+    return summary
 
 
 def standard_error(accuracy_value: float, samples: int) -> float:
@@ -155,7 +116,7 @@ def recalibrate(model: nn.Module, data: DataBundle, batches: int, batch_size: in
     from edgekd.train.batchnorm import recalibrate_batchnorm
 
     rank, world_size = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else (0, 1)
-    sample = Batches(data.train, data, batch_size, device, shuffle=True, seed=seed + 1, rank=rank, world_size=world_size)
+    sample = data.batches(data.train, batch_size, device, shuffle=True, seed=seed + 1, rank=rank, world_size=world_size)
     return recalibrate_batchnorm(model, (inputs for inputs, _, _ in sample.epoch(0)), batches)
 
 
@@ -169,7 +130,7 @@ def check_modes(model: nn.Module, data: DataBundle, device: torch.device, eval_a
 
     chance = 1.0 / data.meta.num_classes
     batch_stats = batch_statistics_accuracy(
-        model, ((x, y) for x, y, _ in Batches(data.val, data, batch_size, device, shuffle=True, seed=0).epoch(0)))
+        model, ((x, y) for x, y, _ in data.batches(data.val, batch_size, device, shuffle=True, seed=0).epoch(0)))
     floor = near_chance_accuracy(data.meta.num_classes)
     at_chance = eval_accuracy < floor
     # far below, or at chance while the same weights do better than chance with batch statistics
@@ -189,21 +150,74 @@ def check_modes(model: nn.Module, data: DataBundle, device: torch.device, eval_a
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, data: DataBundle, device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    """Logits for a whole split (float32, on CPU), model in eval mode."""
+def predict(model: nn.Module, split: Split | FileSplit, data: DataBundle, device: torch.device,
+            batch_size: int = 512) -> torch.Tensor:
+    """Logits for a whole split (float32, on CPU, one row per sample in order), model in eval mode. The rows of
+    images skipped as unreadable (data.on_bad_image: skip) are NaN, and left out by accuracy/agreement."""
     was_training = model.training
     model.eval()
-    outputs = [model(x).float().cpu() for x, _, _ in Batches(split, data, batch_size, device).epoch(0)]
+    outputs, positions = [], []
+    for x, _, index in data.batches(split, batch_size, device).epoch(0):
+        outputs.append(model(x).float().cpu())
+        positions.append(index)
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    if not outputs:
+        return torch.full((len(split), data.meta.num_classes), float("nan"))
+    logits = torch.cat(outputs)
+    if len(logits) == len(split):
+        return logits
+    full = torch.full((len(split), logits.shape[1]), float("nan"))
+    full[torch.cat(positions)] = logits
+    return full
+
+
+def _kept(logits: torch.Tensor) -> torch.Tensor | None:
+    """Rows of samples that were evaluated (None: all of them)."""
+    skipped = torch.isnan(logits).all(1) if logits.dim() == 2 and len(logits) else None
+    return None if skipped is None or not bool(skipped.any()) else ~skipped
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    kept = _kept(logits)
+    if kept is not None:
+        logits, labels = logits[kept], labels.cpu()[kept]
     return float((logits.argmax(1) == labels.cpu()).float().mean()) if len(labels) else 0.0
 
 
 def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    kept = _kept(logits)
+    if kept is not None:
+        logits, reference_logits = logits[kept], reference_logits[kept]
     return float((logits.argmax(1) == reference_logits.argmax(1)).float().mean()) if len(logits) else 0.0
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    kept = _kept(logits)
+    if kept is not None:
+        logits, labels = logits[kept], labels[kept]
+    return float(F.cross_entropy(logits, labels))
+
+
+def show_progress() -> bool | None:
+    """tqdm's `disable`: None (a bar when stderr is a terminal) unless the console shows warnings only (-q)."""
+    handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "StderrHandler"]
+    return True if handlers and all(h.level > logging.INFO for h in handlers) else None
+
+
+def mix_batch(inputs: torch.Tensor, labels: torch.Tensor, data: DataBundle) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup / CutMix (data.augment.mixup_alpha / cutmix_alpha) of a training batch: soft labels."""
+    settings = data.config.augment if data.config is not None else None
+    if settings is None or not (settings.mixup_alpha or settings.cutmix_alpha) or len(labels) < 2:
+        return inputs, labels
+    from torchvision.transforms import v2
+
+    mixers = []
+    if settings.mixup_alpha:
+        mixers.append(v2.MixUp(alpha=settings.mixup_alpha, num_classes=data.meta.num_classes))
+    if settings.cutmix_alpha:
+        mixers.append(v2.CutMix(alpha=settings.cutmix_alpha, num_classes=data.meta.num_classes))
+    mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return mixer(inputs, labels)
 
 
 def fit(
@@ -245,29 +259,43 @@ def fit(
             teacher.to(memory_format=torch.channels_last)
     rank, world_size = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else (0, 1)
     trained = distributed.wrap_model(model, device)
-    train_batches = Batches(data.train, data, batch_size or 128, device, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    train_batches = data.batches(data.train, batch_size or 128, device, shuffle=True, seed=seed, rank=rank,
+                                 world_size=world_size, augment=cfg.augment)
     params = [p for p in model.parameters() if p.requires_grad] + objective.extra_parameters()
     optimizer = _optimizer(params, cfg)  # built here, after any pruning: never holds stale parameters
     scheduler = _scheduler(optimizer, cfg, cfg.epochs * len(train_batches))
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    augment_generator = torch.Generator().manual_seed(seed + 7)
+    freeze = BackboneFreeze(model, cfg.freeze_backbone_epochs)
     result = FitResult()
+    wait_total = step_total = 0.0
+    images_total = 0
     best_state = copy.deepcopy(model.state_dict())
     best_seen = 0.0
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         trained.train()
+        frozen = freeze.start_epoch(epoch)
         epoch_started = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
-        progress = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f"{desc} {epoch}/{cfg.epochs}",
-                        leave=False, disable=None if rank == 0 else True)
-        for step, (inputs, labels, indices) in enumerate(progress, start=1):
+        progress = tqdm(total=math.ceil(len(data.train) / world_size), desc=f"{desc} {epoch}/{cfg.epochs}",
+                        unit="img", unit_scale=True, leave=False, disable=show_progress() if rank == 0 else True)
+        wait_s = 0.0
+        batches = iter(train_batches.epoch(epoch))
+        step = 0
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)  # the time spent here is the loader's (decoding, or index batching)
+            wait_s += time.perf_counter() - waited
+            if batch is None:
+                break
+            inputs, labels, indices = batch
+            step += 1
             augmented = cfg.augment
             if augmented:
-                inputs = augment(inputs, data, augment_generator)
+                inputs, labels = mix_batch(inputs, labels, data)
             if cfg.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
@@ -276,6 +304,7 @@ def fit(
                 raise StageFailed(f"{desc}: loss became {float(loss.detach())} at epoch {epoch}, step {step} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            freeze.drop_backbone_grads()
             distributed.average_gradients(objective.extra_parameters())  # DDP syncs only the model's own
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
@@ -287,9 +316,17 @@ def fit(
             seen += count
             for name, value in {"loss": loss, **parts}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * count
+            progress.update(count)
+            if step % 10 == 0:
+                progress.set_postfix_str(f"wait {wait_s / max(time.perf_counter() - epoch_started, 1e-9):.0%}")
+        progress.close()
+        step_s = time.perf_counter() - epoch_started
+        wait_total, step_total, images_total = wait_total + wait_s, step_total + step_s, images_total + seen
         sums = distributed.all_reduce_sums({**sums, "_seen": float(seen)})
         seen = int(sums.pop("_seen"))
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        if frozen:
+            row["backbone_frozen"] = True
         row.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
         val_logits = predict(model, data.val, data, device, eval_batch_size)
         if cfg.bn_recalibration_batches:
@@ -309,9 +346,10 @@ def fit(
                                           "kept": kept}
                 row["bn_recalibration_s"] = round(time.perf_counter() - recal_started, 3)
         row["val_accuracy"] = round(accuracy(val_logits, data.val.labels), 6)
-        row["val_loss"] = round(float(F.cross_entropy(val_logits, data.val.labels)), 6)
+        row["val_loss"] = round(cross_entropy(val_logits, data.val.labels), 6)
         if reference_val_logits is not None:
             row["val_agreement"] = round(agreement(val_logits, reference_val_logits), 6)
+        row["loader_wait_s"] = round(wait_s, 3)
         row["time_s"] = round(time.perf_counter() - epoch_started, 3)
         result.history.append(row)
         best_seen = max(best_seen, row["val_accuracy"])
@@ -328,5 +366,11 @@ def fit(
     if not result.history:  # no epoch ran: validate the weights as they are
         result.best_val_accuracy = round(accuracy(predict(model, data.val, data, device, eval_batch_size), data.val.labels), 6)
     result.mode_check = check_modes(model, data, device, result.best_val_accuracy, eval_batch_size, desc, knob)
+    if step_total > 0:
+        result.loader = loader_summary(wait_total, step_total, data, images_total)
+        log(f"  {desc}: data loader wait {result.loader['wait_fraction']:.1%} of the step time, "
+            f"{result.loader['images_per_s']} images/s")
+        if result.loader["advice"]:
+            logging.getLogger("edgekd").warning("  %s: %s", desc, result.loader["advice"])
     result.wall_s = round(time.perf_counter() - started, 3)
     return result

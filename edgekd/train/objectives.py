@@ -6,8 +6,12 @@ stage and the prune stage's recovery fine-tuning both use it.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +21,6 @@ if TYPE_CHECKING:  # keep `import edgekd.train.objectives` free of pydantic/data
     from edgekd.train.config import KDConfig
     from edgekd.train.hints import FeatureHint
 
-# Above this size the logit cache lives in host memory: it must never crowd out training on a GPU.
-CACHE_DEVICE_LIMIT_BYTES = 1 << 30
 
 
 def kd_loss(
@@ -71,30 +73,48 @@ class CrossEntropyObjective(Objective):
 class TeacherLogitCache:
     """Teacher logits per training-sample index, filled on first sight and reused on later epochs.
 
-    Valid only for un-augmented inputs of a frozen teacher: an augmented image is a different input, and
-    the caller (DistillationObjective) bypasses the cache for those. The teacher is in eval mode, so
-    running it on only the missing part of a batch gives the same logits as on the whole batch.
+    The logits live in a numpy memmap on disk (`folder`: the run directory's work folder; a private temporary
+    folder otherwise), so the cache scales with the dataset without holding it in memory: only a bit per
+    sample says which rows are filled. Valid only for un-augmented inputs of a frozen teacher: an augmented
+    image is a different input, and the caller (DistillationObjective) bypasses the cache for those. The
+    teacher is in eval mode, so running it on only the missing part of a batch gives the same logits as on the
+    whole batch.
     """
 
-    def __init__(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> None:
-        self.logits = torch.zeros(num_samples, num_classes, device=device)
-        self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    FILE = "teacher_logits.npy"
+
+    def __init__(self, num_samples: int, num_classes: int, folder: Path | None = None) -> None:
+        self._own_folder = folder is None
+        self.folder = Path(tempfile.mkdtemp(prefix="edgekd-teacher-logits-")) if folder is None else Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / self.FILE
+        self.logits = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32,
+                                                shape=(num_samples, num_classes))
+        self.filled = torch.zeros(num_samples, dtype=torch.bool)
         self.hits = 0
         self.misses = 0
 
     def get(self, teacher: nn.Module, inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        indices = indices.to(self.filled.device)
+        indices = indices.cpu()
         missing = ~self.filled[indices]
         count_missing = int(missing.sum())
         if count_missing:
             batch = inputs if count_missing == len(indices) else inputs[missing.to(inputs.device)]
             with torch.no_grad():
                 fresh = teacher(batch).float()
-            self.logits[indices[missing]] = fresh.to(self.logits.device)
+            self.logits[indices[missing].numpy()] = fresh.cpu().numpy()
             self.filled[indices[missing]] = True
         self.misses += count_missing
         self.hits += len(indices) - count_missing
-        return self.logits[indices].to(inputs.device)
+        return torch.from_numpy(self.logits[indices.numpy()]).to(inputs.device)
+
+    def close(self) -> None:
+        """Drop the memmap and its file (the logits are only valid for this training)."""
+        self.logits = np.zeros((0, self.logits.shape[1]), np.float32)
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
 
     @property
     def hit_rate(self) -> float | None:
@@ -138,12 +158,14 @@ class DistillationObjective(Objective):
     def close(self) -> None:
         if self.hint is not None:
             self.hint.close()
+        if self.cache is not None:
+            self.cache.close()
 
     def teacher_logits(self, inputs: torch.Tensor, indices: torch.Tensor, augmented: bool) -> torch.Tensor:
         self.teacher.eval()  # the training loop's model.train() must never reach the teacher's BatchNorm
         if self.cache is not None and not augmented:
             return self.cache.get(self.teacher, inputs, indices)
-        with torch.no_grad():
+        with torch.no_grad():  # live (augmented inputs); under the loop's autocast on CUDA, in mixed precision
             return self.teacher(inputs).float()
 
     def __call__(self, model, inputs, labels, indices, augmented):  # noqa: ANN001, ANN204
@@ -167,19 +189,19 @@ def make_kd_objective(
     *,
     augment: bool,
     hint: FeatureHint | None = None,
+    cache_dir: Path | None = None,
 ) -> DistillationObjective:
     """The KD objective: temperature, alpha, label smoothing and caching from `kd`.
 
     `augment` is whether the training this objective serves augments its inputs. The teacher-logit cache is
     allocated only when it can be hit: augmentation off, `kd.cache_teacher_logits` on, and no hint.
     One objective may serve several `fit` calls (e.g. iterative pruning steps): the cache stays valid as
-    long as the teacher and the training split do not change.
+    long as the teacher and the training split do not change. `cache_dir`: where the memmap lives (the run
+    directory's work folder); a temporary folder when None. `close()` removes it.
     """
     cache = None
     if kd.cache_teacher_logits and not augment and hint is None:
-        num_samples, num_classes = len(data.train), data.meta.num_classes
-        on_device = num_samples * num_classes * 4 <= CACHE_DEVICE_LIMIT_BYTES
-        cache = TeacherLogitCache(num_samples, num_classes, device if on_device else "cpu")
+        cache = TeacherLogitCache(len(data.train), data.meta.num_classes, cache_dir)
     return DistillationObjective(
         teacher, kd.temperature, kd.alpha, cache=cache, hint=hint, label_smoothing=kd.label_smoothing
     )

@@ -87,6 +87,30 @@ def evaluate_artifacts(artifacts: Sequence[Artifact], data: Any, threads: int,
                    "samples": len(data)} for name, preds in predictions.items()}
 
 
+def evaluate_artifacts_streamed(artifacts: Sequence[Artifact], batches: Any, threads: int,
+                                providers: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """As evaluate_artifacts, over (inputs, labels) numpy batches of a split too large for one array (image
+    files decoded batch by batch): every artifact's session sees each batch once, memory stays one batch."""
+    from edgekd.runtime.evaluate import accuracy, agreement, predict_logits
+    from edgekd.runtime.session import open_session
+
+    sessions = {artifact.name: open_session(artifact.path, threads=threads, providers=providers)
+                for artifact in artifacts}
+    predictions: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    labels: list[np.ndarray] = []
+    for inputs, batch_labels in batches:
+        labels.append(batch_labels)
+        for name, session in sessions.items():
+            predictions[name].append(predict_logits(session, inputs).argmax(axis=-1))
+    del sessions
+    truth = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    merged = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64) for name, parts in predictions.items()}
+    reference = merged.get("teacher")
+    return {name: {"accuracy": accuracy(preds, truth),
+                   "agreement": None if reference is None else agreement(preds, reference),
+                   "samples": int(len(truth))} for name, preds in merged.items()}
+
+
 def measure_peaks(threads: Sequence[int]) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """(peak GFLOP/s used for the compute-bound floor, raw measurements), keyed by thread count ("1": x).
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from typing import TYPE_CHECKING, Any
 
+from edgekd import atomic
 from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StagePlan, StageResult
 from edgekd.runner.keys import TRAINING_LIBRARIES, factory_source
@@ -25,11 +27,14 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     if cfg.distill is None:
         return None
     view = {**cfg.data_view(), "student": cfg.student.view(), "distill": cfg.distill.view()}
+    if cfg.student.checkpoint is not None and cfg.student.checkpoint.is_file():
+        view["checkpoint_sha256"] = atomic.sha256_file(cfg.student.checkpoint)
     source = factory_source(cfg.student.model)
     if source is not None:
         view["model_source"] = source
+    libraries = (*TRAINING_LIBRARIES, "timm") if cfg.student.model.startswith("timm:") else TRAINING_LIBRARIES
     return StagePlan(settings=DistillJob(cfg.distill, cfg.student), view=view, depends_on=(teacher_stage.NAME,),
-                     distributed=True, libraries=TRAINING_LIBRARIES)
+                     distributed=True, libraries=libraries)
 
 
 def check_sizes(student_params: int, teacher_params: int) -> bool:
@@ -45,7 +50,7 @@ def check_sizes(student_params: int, teacher_params: int) -> bool:
 
 def run(job: DistillJob, ctx: RunContext) -> StageResult:
     from edgekd.models import count_parameters, model_meta
-    from edgekd.models.checkpoint import save_checkpoint
+    from edgekd.models.checkpoint import load_into, read_checkpoint, save_checkpoint
     from edgekd.train.hints import build_hint
     from edgekd.train.loop import accuracy, agreement, fit, predict
     from edgekd.train.objectives import CrossEntropyObjective, make_kd_objective
@@ -54,10 +59,18 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     data, device = ctx.data, ctx.device
     eval_batch = ctx.data_config.eval_batch_size
 
-    teacher = ctx.load_model(teacher_stage.ARTIFACT)
-    student = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model").to(device)
+    teacher = teacher_stage.load_teacher(ctx)
+    student = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model",
+                              weights=student_spec.weights, pretrained=student_spec.pretrained,
+                              load_weights=student_spec.checkpoint is None)
+    if student_spec.checkpoint is not None:  # the student (and its baseline) start from the user's weights
+        state, _ = read_checkpoint(student_spec.checkpoint)
+        load_into(student, state, str(student_spec.checkpoint))
+        log.info("  student: starts from %s", student_spec.checkpoint.name)
+    student.to(device)
     initial_state = copy.deepcopy(student.state_dict())  # the baseline starts from the very same weights
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    teacher_params = getattr(teacher, "num_parameters", None) or count_parameters(teacher)  # ONNX: its initializers
+    student_params = count_parameters(student)
     check_sizes(student_params, teacher_params)
 
     hint = build_hint(settings.hint, teacher, student, data, device)  # validates the layer names before any training
@@ -66,7 +79,11 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     common = dict(device=device, seed=ctx.seed, batch_size=ctx.data_config.batch_size, eval_batch_size=eval_batch,
                   log=log.info)
 
-    objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint)
+    from edgekd.train import distributed
+
+    logits_folder = ctx.work_folder("distill-teacher-logits") if distributed.is_main() else None
+    objective = make_kd_objective(settings.kd(), teacher, data, device, augment=settings.augment, hint=hint,
+                                  cache_dir=logits_folder)
     log.info(
         "  KD: T=%g alpha=%g%s, teacher logits %s", settings.temperature, settings.alpha,
         f", hint {hint.layers['teacher']} <- {hint.layers['student']} (beta={hint.weight:g})" if hint else "",
@@ -76,7 +93,9 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         result = fit(student, data, settings, objective=objective, desc="distill", reference_val_logits=teacher_val,
                      config_key="distill", **common)
     finally:
-        objective.close()  # removes the hint hooks from the student before it is saved or reused
+        objective.close()  # removes the hint hooks from the student before it is saved or reused, and the cache
+        if logits_folder is not None:
+            shutil.rmtree(logits_folder, ignore_errors=True)
     student_test = predict(student, data.test, data, device, eval_batch)
 
     metrics: dict[str, Any] = {
@@ -97,6 +116,7 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
         "cache": {"enabled": True, **objective.cache.stats()} if objective.cache is not None
         else {"enabled": False, "hits": 0, "misses": 0, "hit_rate": None},
         "train_wall_s": result.wall_s,
+        "data_loader": result.loader,
         "baseline_test_accuracy": None,
         "baseline_test_agreement": None,
         "baseline_history": None,
@@ -106,7 +126,8 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
     }
     artifacts = {STUDENT: student}
     if settings.baseline:
-        baseline = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model")
+        baseline = ctx.build_model(student_spec.model, student_spec.model_kwargs, "student.model",
+                                   weights=student_spec.weights, pretrained=student_spec.pretrained, load_weights=False)
         baseline.load_state_dict(initial_state)
         base = fit(
             baseline, data, settings, objective=CrossEntropyObjective(settings.label_smoothing), desc="baseline",
@@ -120,13 +141,15 @@ def run(job: DistillJob, ctx: RunContext) -> StageResult:
             baseline_history=base.history,
             baseline_best_epoch=base.best_epoch,
             baseline_train_wall_s=base.wall_s,
+            baseline_data_loader=base.loader,
             baseline_mode_check=base.mode_check,
         )
         metrics["kd_gain"] = round(metrics["student_test_accuracy"] - metrics["baseline_test_accuracy"], 6)
         artifacts[BASELINE] = baseline
 
     # Written only now: a failure in either training leaves no student file behind.
-    meta = model_meta(student_spec.model, student_spec.model_kwargs, STUDENT_MODEL)
+    meta = model_meta(student_spec.model, student_spec.model_kwargs, STUDENT_MODEL, weights=student_spec.weights,
+                      pretrained=student_spec.pretrained)
     for name, model in artifacts.items():
         save_checkpoint(model, ctx.path(name), meta)
     summary = f"{student_params:,} params, test {metrics['student_test_accuracy']:.4f}"

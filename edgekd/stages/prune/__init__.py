@@ -27,7 +27,7 @@ def plan(cfg: PipelineConfig) -> StagePlan | None:
     source = cfg.prune.source
     spec = cfg.teacher if source == "teacher" else cfg.student
     kd = cfg.distill.kd() if cfg.distill is not None else KDConfig()
-    job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs))
+    job = PruneJob(cfg.prune, kd, spec.model, dict(spec.model_kwargs), spec.weights, spec.pretrained)
     view = {**cfg.data_view(), "prune": cfg.prune.view(), "kd": kd.view(),
             "source_model": {"model": spec.model, "model_kwargs": dict(spec.model_kwargs)}}
     model_source = factory_source(spec.model)

@@ -58,3 +58,6 @@ class PruneJob:
     model: str
     """Spec of the pruned model (the student's or the teacher's)."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    """The pruned model's pretrained weights setting (recorded: it decides the architecture checkpoints fit)."""
+    pretrained: bool = False

@@ -10,9 +10,10 @@ follow a conv) are pruned together by torch-pruning's dependency graph, so the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -168,6 +169,40 @@ class _CachedImportance:
         return None if scores is None else scores.clone()
 
 
+@contextlib.contextmanager
+def _naming_the_failing_layer(model: nn.Module, what: str) -> Iterator[None]:
+    """Turn an exception raised inside `model`'s forward pass (torch-pruning's tracing, or a pruned model whose
+    layers no longer fit each other) into an InputError naming the innermost layer that was running."""
+    running: list[str] = []
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any) -> None:
+            running.append(name)
+        return hook
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:  # returns None: the output is kept
+        if running:
+            running.pop()
+
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    hooks = [module.register_forward_pre_hook(enter(name)) for name, module in modules]
+    hooks += [module.register_forward_hook(leave) for _, module in modules]
+    try:
+        yield
+    except (InputError, _EmptyLayer):
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch-pruning raises anything from deep inside a model
+        layer = running[-1] if running else None
+        kind = type(model.get_submodule(layer)).__name__ if layer else type(model).__name__
+        where = f"layer '{layer}' ({kind})" if layer else f"the model ({kind})"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InputError(f"prune: {what} {where}: {type(exc).__name__}: {first}; keep the channels it depends "
+                         "on: add the layer before it (or the block holding it) to prune.ignore") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _prune_copy(
     model: nn.Module, example_inputs: torch.Tensor, ratio: float, settings: PruneSettings,
     ignored: list[str], grads: dict[str, torch.Tensor] | None, cache: dict[tuple, torch.Tensor] | None = None,
@@ -183,11 +218,12 @@ def _prune_copy(
     before = layer_channels(pruned)
     if ratio > 0:
         importance = _CachedImportance(make_importance(settings.importance), names, {} if cache is None else cache)
-        pruner = tp.pruner.BasePruner(
-            pruned, example_inputs, importance=importance,
-            global_pruning=settings.global_pruning, pruning_ratio=ratio, round_to=settings.round_to,
-            ignored_layers=[modules[name] for name in ignored],
-        )
+        with _naming_the_failing_layer(pruned, "torch-pruning cannot trace"):
+            pruner = tp.pruner.BasePruner(
+                pruned, example_inputs, importance=importance,
+                global_pruning=settings.global_pruning, pruning_ratio=ratio, round_to=settings.round_to,
+                ignored_layers=[modules[name] for name in ignored],
+            )
         # torch-pruning silently skips a group it would empty; a skipped layer would break the target, so
         # intercept its check (this pruner's graph only) and report the layer instead
         check = pruner.DG.check_pruning_group
@@ -204,6 +240,9 @@ def _prune_copy(
         if refused:
             name = names.get(id(refused[0]), "?")
             raise _EmptyLayer(name, before.get(name, 0))
+        with _naming_the_failing_layer(pruned, "after pruning, torch-pruning left a layer that does not run:"), \
+                torch.no_grad():  # a layer torch-pruning does not know (custom parameters) fails here, by name
+            pruned.eval()(example_inputs)
     pruned.zero_grad(set_to_none=True)
     pruned.train(model.training)  # building the pruner switches the copy to eval mode
     return pruned

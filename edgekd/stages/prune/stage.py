@@ -7,6 +7,7 @@ weights_only=True.
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Any
 
 from edgekd.errors import StageFailed
@@ -14,6 +15,7 @@ from edgekd.runner.context import RunContext
 from edgekd.runner.contract import StageResult
 from edgekd.stages.distill.config import STUDENT
 from edgekd.stages.prune.config import ARTIFACT, MODEL, PruneJob
+from edgekd.stages.teacher import load_teacher
 from edgekd.stages.teacher.config import ARTIFACT as TEACHER
 
 log = logging.getLogger("edgekd")
@@ -28,7 +30,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     from edgekd.stages.prune.pruning import (PruneSettings, layer_channels, measure, prune_iteratively,
                                              resolve_ignored, target_from_config, taylor_gradients)
     from edgekd.train import distributed
-    from edgekd.train.loop import Batches, accuracy, fit, predict, recalibrate
+    from edgekd.train.loop import accuracy, fit, predict, recalibrate
     from edgekd.train.objectives import make_kd_objective
 
     settings, data, device = job.prune, ctx.data, ctx.device
@@ -37,7 +39,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     spec, kwargs = job.model, job.model_kwargs
 
     model = ctx.load_model(TEACHER if source == "teacher" else STUDENT)
-    teacher_model = ctx.load_model(TEACHER)  # a separate instance: the KD objective freezes it
+    teacher_model = load_teacher(ctx)  # a separate instance: the KD objective freezes it
     ignored = resolve_ignored(model, settings.ignore, what=source)
     target = target_from_config(settings)
     prune_settings = PruneSettings(settings.importance, settings.global_pruning, settings.round_to, tuple(settings.ignore))
@@ -55,12 +57,15 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
              source, spec, f"{macs_before:,}", f"{params_before:,}", accuracy_before, target.kind, target.value,
              settings.importance, " (global)" if settings.global_pruning else "", settings.steps)
 
-    objective = make_kd_objective(job.kd, teacher_model, data, device, augment=settings.finetune.augment)
+    logits_folder = ctx.work_folder("prune-teacher-logits") if distributed.is_main() else None
+    objective = make_kd_objective(job.kd, teacher_model, data, device, augment=settings.finetune.augment,
+                                  cache_dir=logits_folder)
     history: list[dict[str, Any]] = []
     mode_checks: list[dict[str, Any]] = []
+    loaders: list[dict[str, Any]] = []
 
     def gradients(m: Any) -> dict[str, Any]:
-        batches = Batches(data.train, data, batch_size, device, shuffle=True, seed=ctx.seed).epoch(0)
+        batches = data.batches(data.train, batch_size, device, shuffle=True, seed=ctx.seed).epoch(0)
         probe = [(x, y) for (x, y, _), _ in zip(batches, range(settings.taylor_batches))]
         return taylor_gradients(m, probe)
 
@@ -80,6 +85,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
                      config_key="prune.finetune")
         row["accuracy_after_recovery"] = val_accuracy(m)
         mode_checks.append(result.mode_check)
+        loaders.append(result.loader)
         history.extend({"step": row["step"], **epoch} for epoch in result.history)
 
     try:
@@ -89,13 +95,15 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
         )
     finally:
         objective.close()
+        if logits_folder is not None:
+            shutil.rmtree(logits_folder, ignore_errors=True)
     model = pruned.model.eval()
     macs_after, params_after = measure(model, example)
     channels_after = layer_channels(model)
     test_accuracy = round(accuracy(predict(model, data.test, data, device, eval_batch), data.test.labels), 6)
     last = pruned.steps[-1]
 
-    save_checkpoint(model, ctx.path(ARTIFACT), {**model_meta(spec, kwargs, MODEL), "structure": record_structure(model)})
+    save_checkpoint(model, ctx.path(ARTIFACT), {**model_meta(spec, kwargs, MODEL, weights=job.weights, pretrained=job.pretrained), "structure": record_structure(model)})
     _check_round_trip(ctx, model, example)
 
     reached = _target_reached(target, macs_before, params_before, macs_after, params_after)
@@ -116,6 +124,7 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
         "accuracy_after_recovery": last["accuracy_after_recovery"],
         "test_accuracy_before_prune": test_before, "test_accuracy": test_accuracy,
         "finetune_epochs": settings.finetune.epochs, "steps": pruned.steps, "history": history,
+        "data_loader": next((summary for summary in reversed(loaders) if summary), {}),
         "mode_check": mode_checks[-1] if mode_checks else {},
     }
     summary = (f"{source} MACs {macs_before:,} -> {macs_after:,} ({metrics['macs_fraction']:.3f}), params "

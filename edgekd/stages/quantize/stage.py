@@ -31,6 +31,7 @@ from edgekd.stages.quantize.config import ARTIFACT, MODELS, QuantizeJob
 log = logging.getLogger("edgekd")
 
 SOURCE_ORDER = tuple(reversed(MODEL_ORDER))  # auto: the last model of the chain
+CALIBRATION_CHUNK = 64  # calibration images decoded at a time
 TIMING_ITERATIONS = 100
 
 
@@ -47,12 +48,27 @@ def resolve_source(requested: str, exported: dict[str, Any]) -> str:
     return requested
 
 
-def calibration_inputs(data: Any, samples: int, seed: int) -> np.ndarray:
-    """Normalized TRAINING images for calibration (a seeded sample; never val or test)."""
+def calibration_inputs(data: Any, samples: int, seed: int, folder: Path | None = None) -> np.ndarray:
+    """Normalized TRAINING images for calibration (a seeded sample; never val or test).
+
+    Image files are decoded in batches into a float32 .npy memmap in `folder` (memory stays one batch; the
+    calibration reader slices it batch by batch); in-memory datasets give a plain array.
+    """
     from edgekd.stages.quantize.quantization import calibration_indices
 
     index = calibration_indices(len(data.train), samples, seed)
-    return data.normalize(data.train.images[index]).numpy()
+    if not data.meta.streamed or folder is None:
+        return data.sample(data.train, index).numpy()
+    # unreadable images (on_bad_image: skip) shrink the sample: fill, then trim the view
+    stored = np.lib.format.open_memmap(folder / "calibration.npy", mode="w+", dtype=np.float32,
+                                       shape=(len(index), *data.meta.input_shape))
+    filled = 0
+    for start in range(0, len(index), CALIBRATION_CHUNK):
+        batch = data.sample(data.train, index[start:start + CALIBRATION_CHUNK]).numpy()
+        stored[filled:filled + len(batch)] = batch
+        filled += len(batch)
+    stored.flush()
+    return stored[:filled]
 
 
 def _fixed_batch(path: Path) -> int | None:
@@ -133,8 +149,9 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
                       "auto": {"activation_type": q.activation_type == "auto", "reduce_range": q.reduce_range == "auto"}},
     }
     reader = None
+    calibration_folder = ctx.work_folder("calibration") if ctx.data.meta.streamed else None
     if q.mode == "static":
-        calib = calibration_inputs(ctx.data, q.calibration.samples, ctx.seed)
+        calib = calibration_inputs(ctx.data, q.calibration.samples, ctx.seed, calibration_folder)
         reader = qz.ArrayCalibrationReader(calib, batch_size=_fixed_batch(src) or 32)
         metrics["calibration"] = {"method": q.calibration.method, "split": "train", "seed": ctx.seed,
                                   "samples_requested": q.calibration.samples, "samples_used": len(calib)}
@@ -243,6 +260,8 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     summary = (f"{metrics['artifact_name']} from {source}: {best['label']}, x{best['speedup']:.2f} vs fp32, "
                f"{int8_size / fp32_size:.2f} of the size, val drop {drop:+.4f}"
                + ("" if deployable else " -> fp32 fallback"))
+    if calibration_folder is not None:
+        shutil.rmtree(calibration_folder, ignore_errors=True)
     return StageResult(artifacts, metrics, summary)
 
 
