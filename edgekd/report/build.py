@@ -200,11 +200,37 @@ def _sections(manifest: Manifest) -> dict[str, Any]:
         keys = ("source", "artifact_name", "chosen", "accuracy_drop", "agreement", "speedup_vs_fp32",
                 "deployable", "fallback_reason", "attempts")
         out["quantization"] = {k: quant.get(k) for k in keys}
+        mixed = quant.get("mixed_precision")
+        if mixed:
+            out["quantization"]["mixed_precision"] = {
+                k: mixed.get(k) for k in ("nodes", "kept_fp32", "weight_ranges", "met", "max_accuracy_drop",
+                                          "min_agreement", "search_s", "candidates_quantized", "steps")}
     if export:
         models = export.get("models") or {}
         out["export"] = {"models": {name: {k: m.get(k) for k in ("path", "opset_written", "ort_path", "size_bytes")}
                                     | {"parity": m.get("parity")} for name, m in models.items()}}
     return out
+
+
+PROFILE_TOP_NODES = 8
+
+
+def operator_profile(bench: dict[str, Any], quant: dict[str, Any], deployed: str) -> dict[str, Any] | None:
+    """The benchmark's per-operator profiles, trimmed for the report: the teacher, the int8 model and its fp32
+    source (and the deployed artifact), each with its time per op type and its slowest nodes."""
+    profiles = bench.get("profile") or {}
+    if not profiles:
+        return None
+    wanted = ["teacher", quant.get("source"), quant.get("artifact_name"), deployed]
+    names = [n for n in dict.fromkeys(wanted) if n and n in profiles and "error" not in profiles[n]]
+    if not names:
+        return None
+    return {"models": names, "deployed": deployed, "int8": quant.get("artifact_name"),
+            "int8_source": quant.get("source"),
+            "runs": profiles[names[0]].get("runs"),
+            "profiles": {n: {"run_us": profiles[n]["run_us"], "node_us": profiles[n]["node_us"],
+                             "op_types": profiles[n]["op_types"],
+                             "nodes": profiles[n]["nodes"][:PROFILE_TOP_NODES]} for n in names}}
 
 
 def _arm_check(run_dir: Path) -> dict[str, Any] | None:
@@ -289,6 +315,7 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
         "data_loading": loading,
         "torch_reference": copy.deepcopy(bench.get("torch_reference")),
         "mobile": copy.deepcopy(bench.get("mobile")),
+        "profile": copy.deepcopy(operator_profile(bench, quant, choice["artifact"])),
         "arm_check": _arm_check(run_dir),
         "devices": [],
         "notes": notes,

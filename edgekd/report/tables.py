@@ -232,6 +232,73 @@ def round_to_section(auto: dict[str, Any]) -> Section:
                    [f"The model pruned at channel ratio {auto.get('ratio')} with each rounding, timed side by side; "
                     f"rule: {auto.get('rule')}."],
                    Table(["round_to", "MACs", "p50 ms", "MACs per ms", ""], rows, "round-to"))
+def _us(value: Any) -> str:
+    return num(value, "{:,.1f}")
+
+
+def profile_sections(report: dict[str, Any]) -> list[Section]:
+    """Where the time goes per op type (ONNX Runtime's profiler), teacher / fp32 source / int8 side by side,
+    and which kernel families int8 sped up or slowed down."""
+    from edgekd.runtime.profile import family_table
+
+    prof = report.get("profile")
+    if not prof:
+        return []
+    names, profiles = prof["models"], prof["profiles"]
+    label = {n: n + (" (deployed)" if n == prof.get("deployed") else "") for n in names}
+    src, int8 = prof.get("int8_source"), prof.get("int8")
+    compare = src in profiles and int8 in profiles
+    families = family_table(profiles)
+    rows = []
+    for row in families:
+        cells = [row["family"], *[_us(row[n]) for n in names]]
+        if compare:
+            before, after = row[src], row[int8]
+            cells.append("int8 only" if before == 0 else "gone" if after == 0 else
+                         "same" if abs(before / after - 1) < 0.02 else
+                         f"{before / after:.2f}x faster" if after < before else f"{after / before:.2f}x slower")
+        rows.append(cells)
+    rows.append(["whole run (median)", *[_us(profiles[n]["run_us"]) for n in names],
+                 *([f"{profiles[src]['run_us'] / profiles[int8]['run_us']:.2f}x"] if compare else [])])
+    headers = ["kernel family (µs per run)", *[label[n] for n in names], *(["int8 vs fp32 source"] if compare else [])]
+    sections = [Section("Per-operator profile", "profile",
+                        [f"ONNX Runtime's own profiler, {prof.get('runs')} runs per model after the warm-up, median "
+                         f"µs per run at the budgets' threads and batch; profiling adds a little time per kernel, "
+                         f"so the latency figures above stay the reference. Q/DQ = QuantizeLinear/DequantizeLinear "
+                         f"at float/int8 boundaries; layout reorder = NCHWc/NHWC conversions."],
+                        Table(headers, rows, "profile"))]
+    op_rows = []
+    for n in names:
+        for row in profiles[n]["op_types"]:
+            op_rows.append([label[n], row["op_type"], num(row["nodes"]), _us(row["us"]), num(row["share"], "{:.0%}")])
+    bullets = [f"{label[n]}: " + "; ".join(f"{node['op_type']} `{node['name']}` {_us(node['us'])} µs"
+                                            for node in profiles[n]["nodes"][:5]) for n in names]
+    sections.append(Section("Time per op type", "profile-ops", ["Slowest nodes per model below the table."],
+                            Table(["model", "op type", "nodes", "µs per run", "share"], op_rows, "profile-ops"),
+                            bullets))
+    return sections
+
+
+def mixed_precision_section(report: dict[str, Any]) -> Section | None:
+    mixed = (report.get("quantization") or {}).get("mixed_precision")
+    if not mixed:
+        return None
+    kept = mixed.get("kept_fp32") or []
+    rows = [[f"`{k['node']}`", k.get("why", ""), num(k.get("error_recovered"), "{:.4f}"),
+             num(k.get("accuracy_recovered"), "{:+.4f}"), _us(k.get("fp32_us")), _us(k.get("int8_us")),
+             num(k.get("gain_us"), "{:+.1f}")] for k in kept]
+    eight = [r["node"] for r in mixed.get("weight_ranges") or [] if r.get("eight_bit")]
+    limits = f"accuracy drop <= {mixed.get('max_accuracy_drop')}" + (
+        f", agreement >= {mixed['min_agreement']}" if mixed.get("min_agreement") is not None else "")
+    text = [f"`quantize.mixed_precision: auto`: {len(kept)} of {mixed.get('nodes')} weighted nodes kept in float "
+            f"({limits}: {'met' if mixed.get('met') else 'not met by any mix'}); searched in "
+            f"{num(mixed.get('search_s'), '{:.1f}')} s over {num(mixed.get('candidates_quantized'))} quantized "
+            f"candidate graphs, each measured whole (validation split, interleaved timing vs fp32).",
+            "8-bit weights (instead of 7-bit) where they measurably lowered the logit error: "
+            + (", ".join(f"`{n}`" for n in eight) if eight else "none") + "."]
+    return Section("Mixed precision", "mixed-precision", text,
+                   Table(["node kept fp32", "why", "logit error recovered", "accuracy recovered", "fp32 µs",
+                          "int8 µs", "int8 gain µs"], rows, "mixed-precision") if rows else None)
 
 
 def training_checks_section(report: dict[str, Any]) -> Section | None:
