@@ -244,9 +244,13 @@ def models() -> None:
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed runs per setting.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory probe (a fresh process per model).")
 @click.option("--no-mobile", is_flag=True, help="Skip the mobile-readiness checks (operator list, ORT mobile usability).")
+@click.option("--profile", "profile_runs", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=50,
+              help="Also profile per node and op type with ONNX Runtime's profiler (first thread count, smallest "
+                   "batch; N timed runs after the warm-up, default 50).")
 @reports_errors
 def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tuple[int, ...], providers: tuple[str, ...],
-          json_out: Path | None, warmup: int, iterations: int, no_memory: bool, no_mobile: bool) -> None:
+          json_out: Path | None, warmup: int, iterations: int, no_memory: bool, no_mobile: bool,
+          profile_runs: int | None) -> None:
     """Benchmark one ONNX MODEL with ONNX Runtime: latency per threads x batch, accuracy, memory, mobile readiness.
 
     A .tflite MODEL runs on LiteRT instead (needs ai-edge-litert: pip install "edgekd[litert]"; int8 input and
@@ -263,7 +267,7 @@ def bench(model: Path, data: Path | None, threads: tuple[int, ...], batches: tup
     chosen = [name.strip() for item in providers for name in item.split(",") if name.strip()]
     result = bench_model(model, data, threads=threads or (1,), batches=batches or (1,), providers=chosen or None,
                          warmup=warmup, iterations=iterations, mobile=not no_mobile, memory=not no_memory,
-                         progress=lambda message: click.echo(message, err=True))  # stdout stays the table
+                         profile_runs=profile_runs, progress=lambda message: click.echo(message, err=True))  # stdout stays the table
     click.echo(format_table(result))
     if json_out is not None:
         from edgekd import atomic

@@ -26,6 +26,9 @@ from edgekd.stages.teacher.config import TeacherConfig
 from edgekd.validation import Section, format_validation_error
 from edgekd.yamlio import load_yaml_file
 
+# The budgets a latency-chosen student is chosen by (student.candidates, student.model: auto).
+CHOICE_BUDGETS = ("latency_p50_ms", "latency_p90_ms", "min_speedup")
+
 # The stages that can be switched off, and the one way to do it: `<stage>: null`.
 OPTIONAL_STAGES = ("distill", "prune", "quantize")
 
@@ -84,6 +87,13 @@ class PipelineConfig(Section):
         if self.report.deploy_runtime not in self.export.targets:
             raise ValueError(f"report.deploy_runtime: '{self.report.deploy_runtime}' is not in export.targets "
                              f"{self.export.targets} (add it there to deploy a {self.report.deploy_runtime} file)")
+        if self.student.chooses:
+            what = "student.candidates" if self.student.candidates is not None else "student.model: auto"
+            if self.distill is None:
+                raise ValueError(f"{what}: chooses the student the distill stage trains; enable distill")
+            if not any(getattr(self.budgets, b) is not None for b in CHOICE_BUDGETS):
+                raise ValueError(f"{what}: needs a latency budget to choose by (budgets.latency_p50_ms, "
+                                 "latency_p90_ms or min_speedup)")
         if self.teacher.onnx is not None:  # an ONNX teacher gives logits only: no features, no weights to prune
             if self.distill is not None and self.distill.hint is not None:
                 raise ValueError("distill.hint: hint losses need the teacher's features, which an ONNX teacher "
@@ -109,7 +119,7 @@ class PipelineConfig(Section):
     @property
     def model_factories(self) -> tuple[str, ...]:
         """The model specs this config names: the only `pkg.module:factory` a checkpoint's meta may rebuild."""
-        return (self.teacher.model, self.student.model)
+        return (self.teacher.model, *self.student.specs())
 
     def data_view(self) -> dict[str, Any]:
         """What decides the data every training stage sees (part of their fingerprints): the `data:` section,

@@ -20,7 +20,7 @@ BAD_CONFIGS = [
     ({"distill": {"hint": {"teacher_layer": "stage2", "student_layer": "stage2", "weight": -0.5}}},
      "pipeline.yaml: distill.hint.weight: must be >= 0 (got -0.5)"),
     ({"data": {"dataset": "mnist"}}, "pipeline.yaml: data.dataset: must be one of 'mnist5k', 'digits', 'synthetic', 'imagefolder', 'filelist' or 'cifar10' (got 'mnist')"),
-    ({"prune": {"ratio": 0.3, "target_macs": 0.5}}, "pipeline.yaml: prune: set only one of ratio, target_macs, target_params (got ratio, target_macs)"),
+    ({"prune": {"ratio": 0.3, "target_macs": 0.5}}, "pipeline.yaml: prune: set only one of ratio, target_macs, target_params, target_latency_ms, target_speedup (got ratio, target_macs)"),
     ({"prune": {"ratio": 1.5}}, "pipeline.yaml: prune.ratio: must be < 1 (got 1.5)"),
     ({"prune": {"ratio": 0}}, "pipeline.yaml: prune.ratio: must be > 0 (got 0)"),
     ({"benchmark": {"threads": [0]}}, "pipeline.yaml: benchmark.threads: must be >= 1 (got 0)"),

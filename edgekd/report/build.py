@@ -207,11 +207,13 @@ def _sections(manifest: Manifest) -> dict[str, Any]:
             "kd_gain": distill.get("kd_gain"), "teacher_accuracy": distill.get("teacher_test_accuracy"),
             "student_params": distill.get("student_params"), "teacher_params": distill.get("teacher_params"),
             "student_agreement": distill.get("student_test_agreement"),
+            "student_choice": distill.get("student_choice"),
         }
     if prune:
         keys = ("source", "importance", "target", "params_before", "params_after", "macs_before", "macs_after",
                 "accuracy_before_prune", "accuracy_after_prune", "accuracy_after_recovery", "test_accuracy")
         out["pruning"] = {k: prune.get(k) for k in keys}
+        out["pruning"]["latency"] = prune.get("latency")  # latency targets and round_to: auto, measured
         if prune.get("params_before") and prune.get("params_after") is not None:
             out["pruning"]["params_kept"] = round(prune["params_after"] / prune["params_before"], 4)
         if prune.get("macs_before") and prune.get("macs_after") is not None:
@@ -220,11 +222,37 @@ def _sections(manifest: Manifest) -> dict[str, Any]:
         keys = ("source", "artifact_name", "chosen", "accuracy_drop", "agreement", "speedup_vs_fp32",
                 "deployable", "fallback_reason", "attempts")
         out["quantization"] = {k: quant.get(k) for k in keys}
+        mixed = quant.get("mixed_precision")
+        if mixed:
+            out["quantization"]["mixed_precision"] = {
+                k: mixed.get(k) for k in ("nodes", "kept_fp32", "weight_ranges", "met", "max_accuracy_drop",
+                                          "min_agreement", "search_s", "candidates_quantized", "steps")}
     if export:
         models = export.get("models") or {}
         out["export"] = {"models": {name: {k: m.get(k) for k in ("path", "opset_written", "ort_path", "size_bytes")}
                                     | {"parity": m.get("parity")} for name, m in models.items()}}
     return out
+
+
+PROFILE_TOP_NODES = 8
+
+
+def operator_profile(bench: dict[str, Any], quant: dict[str, Any], deployed: str) -> dict[str, Any] | None:
+    """The benchmark's per-operator profiles, trimmed for the report: the teacher, the int8 model and its fp32
+    source (and the deployed artifact), each with its time per op type and its slowest nodes."""
+    profiles = bench.get("profile") or {}
+    if not profiles:
+        return None
+    wanted = ["teacher", quant.get("source"), quant.get("artifact_name"), deployed]
+    names = [n for n in dict.fromkeys(wanted) if n and n in profiles and "error" not in profiles[n]]
+    if not names:
+        return None
+    return {"models": names, "deployed": deployed, "int8": quant.get("artifact_name"),
+            "int8_source": quant.get("source"),
+            "runs": profiles[names[0]].get("runs"),
+            "profiles": {n: {"run_us": profiles[n]["run_us"], "node_us": profiles[n]["node_us"],
+                             "op_types": profiles[n]["op_types"],
+                             "nodes": profiles[n]["nodes"][:PROFILE_TOP_NODES]} for n in names}}
 
 
 def _arm_check(run_dir: Path) -> dict[str, Any] | None:
@@ -317,6 +345,7 @@ def build_report(manifest: Manifest, run_dir: Path, budgets: dict[str, Any], *,
         "data_loading": loading,
         "torch_reference": copy.deepcopy(bench.get("torch_reference")),
         "mobile": copy.deepcopy(bench.get("mobile")),
+        "profile": copy.deepcopy(operator_profile(bench, quant, choice["artifact"])),
         "arm_check": _arm_check(run_dir),
         "devices": [],
         "notes": notes,

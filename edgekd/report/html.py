@@ -100,8 +100,11 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
                f"{html_table(tables.latency_table(report))}</section>")
     for section in tables.stage_sections(report):
         out.append(_section(section))
-    for section in (tables.runtimes_section(report), tables.training_checks_section(report),
-                    tables.data_loading_section(report), tables.arm_section(report), tables.devices_section(report)):
+    mixed = tables.mixed_precision_section(report)
+    for section in [*([mixed] if mixed else []), *tables.profile_sections(report)]:
+        out.append(_section(section))
+    for section in (tables.runtimes_section(report), tables.training_checks_section(report), tables.data_loading_section(report),
+                    tables.arm_section(report), tables.devices_section(report)):
         if section is not None:
             out.append(_section(section))
     out.append(f'<section id="environment"><h2>Environment</h2>{html_table(tables.environment_table(report))}</section>')

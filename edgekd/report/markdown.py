@@ -60,8 +60,11 @@ def render_markdown(report: dict[str, Any], plot_names: list[str]) -> str:
     lines += ["## Latency per threads × batch", ""] + md_table(tables.latency_table(report))
     for section in tables.stage_sections(report):
         lines += _section(section)
-    for section in (tables.runtimes_section(report), tables.training_checks_section(report),
-                    tables.data_loading_section(report), tables.arm_section(report), tables.devices_section(report)):
+    mixed = tables.mixed_precision_section(report)
+    for section in [*([mixed] if mixed else []), *tables.profile_sections(report)]:
+        lines += _section(section)
+    for section in (tables.runtimes_section(report), tables.training_checks_section(report), tables.data_loading_section(report),
+                    tables.arm_section(report), tables.devices_section(report)):
         if section is not None:
             lines += _section(section)
     lines += ["## Environment", ""] + md_table(tables.environment_table(report))

@@ -169,6 +169,14 @@ def stage_sections(report: dict[str, Any]) -> list[Section]:
              f"{acc(p.get('accuracy_after_recovery'))}"),
             ("Test accuracy", acc(p.get("test_accuracy"))),
         ], "kv")))
+    choice = (d or {}).get("student_choice")
+    if choice:
+        out.append(student_choice_section(choice))
+    latency = (p or {}).get("latency")
+    if latency and latency.get("per_step"):
+        out.append(latency_pruning_section(latency))
+    if latency and latency.get("round_to_auto"):
+        out.append(round_to_section(latency["round_to_auto"]))
     q = report.get("quantization")
     if q:
         chosen = q.get("chosen")
@@ -203,6 +211,114 @@ def runtimes_section(report: dict[str, Any]) -> Section | None:
                     "the same accuracy gate; report.deploy_runtime says which runtime is deployed."],
                    Table(["Runtime", "Precision", "Artifact", "Accuracy", "Agreement", "p50 ms", "Size", "Gate"],
                          rows, "runtimes"))
+
+
+def student_choice_section(choice: dict[str, Any]) -> Section:
+    """The candidates timed untrained before distillation, and which one was distilled and why."""
+    decision = choice.get("decision") or {}
+    rows = [[c["label"], num(c.get("params")), num(c.get("macs")), ms(c.get("fp32_p50_ms")), ms(c.get("int8_p50_ms")),
+             ("yes (" + ", ".join(c.get("fits_in") or []) + ")") if c.get("fits") else "no",
+             "distilled" if c["label"] == decision.get("chosen") else ""] for c in choice.get("candidates") or []]
+    limits = ", ".join(f"{k} <= {v:.3f} ms" for k, v in (decision.get("limits_ms") or {}).items())
+    settings = (choice.get("settings") or {}).get("latency") or {}
+    text = [f"Each candidate exported untrained and timed on ONNX Runtime (fp32 and a quick int8, "
+            f"{settings.get('threads', 1)} thread(s), batch {settings.get('batch', 1)}, interleaved"
+            + (f" with the teacher: p50 {choice['teacher_p50_ms']:.3f} ms" if choice.get("teacher_p50_ms") else "")
+            + f"); budget {limits}.", f"Chosen: {decision.get('reason', '–')}."]
+    return Section("Student choice", "student-choice", text,
+                   Table(["candidate", "params", "MACs", "fp32 p50 ms", "int8 p50 ms", "fits?", ""], rows,
+                         "student-choice"))
+
+
+def latency_pruning_section(latency: dict[str, Any]) -> Section:
+    """MACs ratio vs measured latency ratio per pruning step: they differ (overheads do not shrink with MACs)."""
+    rows = [[str(r["step"]), num(r.get("macs_speedup"), "{:.2f}x"), num(r.get("latency_speedup"), "{:.2f}x"),
+             str(r.get("trials", ""))] for r in latency.get("per_step") or []]
+    settings = latency.get("settings") or {}
+    text = [f"Latency timed on ONNX Runtime in the loop ({settings.get('precision')}, {settings.get('threads')} "
+            f"thread(s), batch {settings.get('batch')}, interleaved with the unpruned model). Final: "
+            f"{num(latency.get('final_p50_ms'), '{:.4f}')} ms vs {num(latency.get('final_reference_p50_ms'), '{:.4f}')} ms"
+            f" = {num(latency.get('speedup'), '{:.2f}x')} faster from {num(latency.get('macs_speedup'), '{:.2f}x')} "
+            f"fewer MACs; goal {num(latency.get('goal_fraction'), '{:.3f}')} of the unpruned latency, "
+            + ("reached within 10 %." if latency.get("reached") else "NOT reached within 10 %.")]
+    return Section("Pruning to a latency target", "latency-pruning", text,
+                   Table(["step", "MACs ratio", "latency ratio", "trials timed"], rows, "latency-pruning"))
+
+
+def round_to_section(auto: dict[str, Any]) -> Section:
+    rows = [[str(r["round_to"]), num(r.get("macs")), ms(r.get("p50_ms")), num(r.get("macs_per_ms")),
+             "chosen" if r["round_to"] == auto.get("chosen") else ""] for r in auto.get("candidates") or []]
+    return Section("Channel rounding (round_to: auto)", "round-to",
+                   [f"The model pruned at channel ratio {auto.get('ratio')} with each rounding, timed side by side; "
+                    f"rule: {auto.get('rule')}."],
+                   Table(["round_to", "MACs", "p50 ms", "MACs per ms", ""], rows, "round-to"))
+def _us(value: Any) -> str:
+    return num(value, "{:,.1f}")
+
+
+def profile_sections(report: dict[str, Any]) -> list[Section]:
+    """Where the time goes per op type (ONNX Runtime's profiler), teacher / fp32 source / int8 side by side,
+    and which kernel families int8 sped up or slowed down."""
+    from edgekd.runtime.profile import family_table
+
+    prof = report.get("profile")
+    if not prof:
+        return []
+    names, profiles = prof["models"], prof["profiles"]
+    label = {n: n + (" (deployed)" if n == prof.get("deployed") else "") for n in names}
+    src, int8 = prof.get("int8_source"), prof.get("int8")
+    compare = src in profiles and int8 in profiles
+    families = family_table(profiles)
+    rows = []
+    for row in families:
+        cells = [row["family"], *[_us(row[n]) for n in names]]
+        if compare:
+            before, after = row[src], row[int8]
+            cells.append("int8 only" if before == 0 else "gone" if after == 0 else
+                         "same" if abs(before / after - 1) < 0.02 else
+                         f"{before / after:.2f}x faster" if after < before else f"{after / before:.2f}x slower")
+        rows.append(cells)
+    rows.append(["whole run (median)", *[_us(profiles[n]["run_us"]) for n in names],
+                 *([f"{profiles[src]['run_us'] / profiles[int8]['run_us']:.2f}x"] if compare else [])])
+    headers = ["kernel family (µs per run)", *[label[n] for n in names], *(["int8 vs fp32 source"] if compare else [])]
+    sections = [Section("Per-operator profile", "profile",
+                        [f"ONNX Runtime's own profiler, {prof.get('runs')} runs per model after the warm-up, median "
+                         f"µs per run at the budgets' threads and batch; profiling adds a little time per kernel, "
+                         f"so the latency figures above stay the reference. Q/DQ = QuantizeLinear/DequantizeLinear "
+                         f"at float/int8 boundaries; layout reorder = NCHWc/NHWC conversions."],
+                        Table(headers, rows, "profile"))]
+    op_rows = []
+    for n in names:
+        for row in profiles[n]["op_types"]:
+            op_rows.append([label[n], row["op_type"], num(row["nodes"]), _us(row["us"]), num(row["share"], "{:.0%}")])
+    bullets = [f"{label[n]}: " + "; ".join(f"{node['op_type']} `{node['name']}` {_us(node['us'])} µs"
+                                            for node in profiles[n]["nodes"][:5]) for n in names]
+    sections.append(Section("Time per op type", "profile-ops", ["Slowest nodes per model below the table."],
+                            Table(["model", "op type", "nodes", "µs per run", "share"], op_rows, "profile-ops"),
+                            bullets))
+    return sections
+
+
+def mixed_precision_section(report: dict[str, Any]) -> Section | None:
+    mixed = (report.get("quantization") or {}).get("mixed_precision")
+    if not mixed:
+        return None
+    kept = mixed.get("kept_fp32") or []
+    rows = [[f"`{k['node']}`", k.get("why", ""), num(k.get("error_recovered"), "{:.4f}"),
+             num(k.get("accuracy_recovered"), "{:+.4f}"), _us(k.get("fp32_us")), _us(k.get("int8_us")),
+             num(k.get("gain_us"), "{:+.1f}")] for k in kept]
+    eight = [r["node"] for r in mixed.get("weight_ranges") or [] if r.get("eight_bit")]
+    limits = f"accuracy drop <= {mixed.get('max_accuracy_drop')}" + (
+        f", agreement >= {mixed['min_agreement']}" if mixed.get("min_agreement") is not None else "")
+    text = [f"`quantize.mixed_precision: auto`: {len(kept)} of {mixed.get('nodes')} weighted nodes kept in float "
+            f"({limits}: {'met' if mixed.get('met') else 'not met by any mix'}); searched in "
+            f"{num(mixed.get('search_s'), '{:.1f}')} s over {num(mixed.get('candidates_quantized'))} quantized "
+            f"candidate graphs, each measured whole (validation split, interleaved timing vs fp32).",
+            "8-bit weights (instead of 7-bit) where they measurably lowered the logit error: "
+            + (", ".join(f"`{n}`" for n in eight) if eight else "none") + "."]
+    return Section("Mixed precision", "mixed-precision", text,
+                   Table(["node kept fp32", "why", "logit error recovered", "accuracy recovered", "fp32 µs",
+                          "int8 µs", "int8 gain µs"], rows, "mixed-precision") if rows else None)
 
 
 def training_checks_section(report: dict[str, Any]) -> Section | None:

@@ -128,12 +128,17 @@ def _check_models(cfg: PipelineConfig, shape: DataShape) -> None:
         _check_checkpoint(teacher, cfg.teacher.checkpoint)
     student = None
     if cfg.distill is not None:
-        student = _build(cfg.student.model, cfg.student.model_kwargs, "student.model", shape, cfg.student.weights,
-                         cfg.student.pretrained, load_weights=cfg.student.checkpoint is None)
-        if cfg.student.checkpoint is not None:
-            _check_checkpoint(student, cfg.student.checkpoint, "student.checkpoint")
+        if cfg.student.chooses:  # every candidate must build; the one distilled is chosen at run time
+            students = [_build(c.model, c.model_kwargs, "student.candidates", shape) for c in cfg.student.candidate_list()]
+        else:
+            students = [_build(cfg.student.model, cfg.student.model_kwargs, "student.model", shape, cfg.student.weights,
+                               cfg.student.pretrained, load_weights=cfg.student.checkpoint is None)]
+            if cfg.student.checkpoint is not None:
+                _check_checkpoint(students[0], cfg.student.checkpoint, "student.checkpoint")
+        student = students[0]
         if cfg.distill.hint is not None:
-            _check_hint(cfg, teacher, student, shape)
+            for candidate in students:
+                _check_hint(cfg, teacher, candidate, shape)
     if cfg.prune is not None and cfg.prune.ignore:
         from edgekd.stages.prune.pruning import resolve_ignored
 

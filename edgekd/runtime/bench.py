@@ -16,6 +16,7 @@ from .errors import RuntimeInputError
 from .evaluate import EvalData, evaluate_session, load_eval_npz
 from .memory import memory_profile
 from .mobile import mobile_report
+from .profile import format_profile, profile_model
 from .session import check_input, input_spec, open_session, random_inputs
 from .tflite import is_tflite
 from .timing import interleaved_benchmark
@@ -59,13 +60,14 @@ def inputs_for_batches(session: Any, batches: Sequence[int], data: EvalData | No
 def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | None = None,
                 threads: Sequence[int] = (1,), batches: Sequence[int] = (1,),
                 providers: Sequence[str] | None = None, warmup: int = 20, iterations: int = 200, *,
-                mobile: bool = True, memory: bool = True,
+                mobile: bool = True, memory: bool = True, profile_runs: int | None = None,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark one model; returns a JSON-serializable dict (see format_table for the console view).
 
     Keys: model, environment, input, inputs, settings, rows (interleaved_benchmark rows), accuracy
     (None without labelled data), agreement (None without teacher_predictions), accuracy_samples,
-    peak_memory_bytes, memory, mobile, notes.
+    peak_memory_bytes, memory, mobile, notes; profile (edgekd.runtime.profile.profile_model at the first
+    thread count and smallest batch, `profile_runs` runs after `warmup`) when profile_runs is given, else None.
     """
     path = Path(model_path)
     say = progress or (lambda message: logger.info("%s", message))
@@ -102,6 +104,12 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
     label = path.stem
     rows = interleaved_benchmark({label: path}, inputs_by_batch, threads, warmup, iterations,
                                  providers=providers)[label]
+    operator_profile = None
+    if profile_runs:
+        batch = min(inputs_by_batch)
+        say(f"profiling per operator: threads={threads[0]} batch={batch} ({warmup} warm-up, {profile_runs} runs)")
+        operator_profile = profile_model(path, inputs_by_batch[batch], threads=threads[0], warmup=warmup,
+                                         runs=profile_runs, providers=providers)
     profile = None
     if memory:
         say("measuring peak memory in a fresh process")
@@ -127,6 +135,7 @@ def bench_model(model_path: str | os.PathLike, data_npz: str | os.PathLike | Non
         "peak_memory_bytes": None if profile is None else profile["peak_bytes"],
         "memory": profile,
         "mobile": mobile_report(path, check_usability=True) if mobile and not is_tflite(path) else None,
+        "profile": operator_profile,
         "notes": notes,
     }
 
@@ -182,5 +191,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"mobile   usability check unavailable: {usability.get('reason')}")
     if mobile.get("reason"):
         lines.append(f"mobile   {mobile['reason']}")
+    if result.get("profile"):
+        lines += ["", format_profile(result["profile"])]
     lines += [f"note     {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

@@ -104,7 +104,8 @@ def _check_external_data(path: Path) -> None:
 
 
 def open_session(model_path: str | os.PathLike, threads: int = 1,
-                 providers: Sequence[str] | None = None, stop_spinning_after_run: bool = False) -> ort.InferenceSession:
+                 providers: Sequence[str] | None = None, stop_spinning_after_run: bool = False,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
     """Open `model_path` with explicit threading; `session.get_providers()` tells which EPs really ran.
 
     A `.tflite` file opens a LiteRT interpreter behind the same API (`runtime.tflite`; providers do not apply).
@@ -147,6 +148,9 @@ def open_session(model_path: str | os.PathLike, threads: int = 1,
         options.intra_op_num_threads = threads
     if stop_spinning_after_run:
         options.add_session_config_entry("session.force_spinning_stop", "1")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
 
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=provider_entries)

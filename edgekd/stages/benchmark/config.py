@@ -25,6 +25,9 @@ class BenchmarkConfig(Section):
     """Measure peak memory per model in a fresh process."""
     torch_reference: bool = True
     """Also time PyTorch eager teacher and student as a reference row."""
+    profile_runs: int = Field(30, ge=0, le=10000)
+    """Runs profiled per model with ONNX Runtime's profiler at the budgets' threads and batch (time per op type
+    and per node, for the report's profile section); 0 switches the profile off."""
     providers: list[str] = ["CPUExecutionProvider"]
     """ONNX Runtime execution providers."""
 

@@ -218,6 +218,28 @@ def peak_memory(artifact: Artifact, threads: int, batch: int, providers: Sequenc
         return None
 
 
+PROFILE_NODES = 40  # slowest nodes kept per model in the manifest (op-type totals cover all of them)
+
+
+def operator_profiles(artifacts: Sequence[Artifact], inputs: np.ndarray, threads: int, warmup: int, runs: int,
+                      providers: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """edgekd.runtime.profile.profile_model of each artifact (name -> profile, slowest nodes only); a model
+    the profiler cannot run gets {"error": ...} instead of failing the stage."""
+    from edgekd.runtime.profile import profile_model
+
+    profiles: dict[str, dict[str, Any]] = {}
+    for artifact in artifacts:
+        try:
+            profile = profile_model(artifact.path, inputs, threads=threads, warmup=warmup, runs=runs,
+                                    providers=providers)
+        except Exception as exc:  # noqa: BLE001 - an explanation, not a gate: the timings above stand
+            profiles[artifact.name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            continue
+        profile["nodes"] = profile["nodes"][:PROFILE_NODES]
+        profiles[artifact.name] = profile
+    return profiles
+
+
 def mobile_candidates(artifacts: Sequence[Artifact]) -> list[Artifact]:
     """Every int8 model plus the smallest fp32 one: the models an app would ship (bounds the run time)."""
     onnx = [a for a in artifacts if a.runtime == "onnxruntime"]  # the checks read ONNX graphs

@@ -61,6 +61,13 @@ def benchmark_stage(job: BenchmarkJob, ctx: RunContext) -> StageResult:
         rows.append(bm.artifact_row(artifact, timings[artifact.name], evaluations[artifact.name], peaks,
                                     budget_threads, budget_batch, memory))
 
+    profiles = {}
+    if bench.profile_runs and budget_batch in inputs_by_batch:
+        log.info("  per-operator profile: %d runs per model at %d thread(s), batch %d", bench.profile_runs,
+                 budget_threads, budget_batch)
+        profiles = bm.operator_profiles(artifacts, inputs_by_batch[budget_batch], budget_threads, bench.warmup,
+                                        bench.profile_runs, providers)
+
     mobile = {}
     for artifact in bm.mobile_candidates(artifacts):
         log.info("  mobile readiness of %s", artifact.name)
@@ -79,7 +86,7 @@ def benchmark_stage(job: BenchmarkJob, ctx: RunContext) -> StageResult:
                    "peak_gflops_measured": measured_peaks,
                    "fingerprint": environment_fingerprint(info), "threads_measured": threads}
     metrics = {"environment": environment, "artifacts": rows, "torch_reference": torch_rows, "mobile": mobile,
-               "budget_setting": {"threads": budget_threads, "batch": budget_batch}}
+               "profile": profiles, "budget_setting": {"threads": budget_threads, "batch": budget_batch}}
     return StageResult([], metrics, _summary(rows, budget_threads, budget_batch))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgekd.errors import InputError
 
-TargetKind = Literal["ratio", "macs", "params"]
+TargetKind = Literal["ratio", "macs", "params", "latency_ms", "speedup"]
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
 SEARCH_TOLERANCE = 0.02  # relative error at which the ratio search stops early
 MAX_TRIALS = 12
@@ -32,7 +32,8 @@ MAX_TRIALS = 12
 @dataclass(frozen=True)
 class PruneTarget:
     """ratio: fraction of channels removed per layer (local) or overall (global).
-    macs / params: what to keep, a fraction of the original when <= 1, else an absolute count."""
+    macs / params: what to keep, a fraction of the original when <= 1, else an absolute count.
+    latency_ms / speedup: measured p50 to reach, absolute or as a speed-up over the unpruned model."""
 
     kind: TargetKind
     value: float
@@ -83,6 +84,10 @@ def target_from_config(cfg: Any) -> PruneTarget:
         return PruneTarget("macs", float(cfg.target_macs))
     if cfg.target_params is not None:
         return PruneTarget("params", float(cfg.target_params))
+    if getattr(cfg, "target_latency_ms", None) is not None:
+        return PruneTarget("latency_ms", float(cfg.target_latency_ms))
+    if getattr(cfg, "target_speedup", None) is not None:
+        return PruneTarget("speedup", float(cfg.target_speedup))
     return PruneTarget("ratio", float(cfg.ratio if cfg.ratio is not None else 0.3))
 
 
@@ -406,3 +411,160 @@ def prune_iteratively(
             after_step(current, row)
         rows.append(row)
     return PruneResult(current, rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Latency targets: the channel ratio searched on measured latency instead of counted MACs
+
+LATENCY_TOLERANCE = 0.05  # a trial within 5 % of its goal stops the search (the target is met within 10 %)
+LATENCY_TRIALS = 8
+ROUND_TO_CANDIDATES = (1, 4, 8, 16)
+
+LatencyFunction = Callable[[nn.Module], float]
+"""A pruned copy -> its latency as a fraction of the unpruned model's (measured, or injected in tests)."""
+
+
+@dataclass
+class LatencyStep(StepResult):
+    """A step of latency-target pruning: the copy chosen, its measured latency fraction, every trial."""
+
+    latency_fraction: float = 1.0
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+def latency_step_goals(final_fraction: float, steps: int) -> list[float]:
+    """Cumulative latency fraction after each step, evenly spaced from 1 to the final one."""
+    if not 0 < final_fraction < 1:
+        raise ValueError(f"latency fraction must be in (0, 1), got {final_fraction}")
+    return [1 - (1 - final_fraction) * k / steps for k in range(1, steps + 1)]
+
+
+def prune_to_latency(
+    model: nn.Module, example_inputs: torch.Tensor, goal: float, latency: LatencyFunction,
+    settings: PruneSettings, ignored: list[str], grads: dict[str, torch.Tensor] | None = None,
+    *, start: float = 1.0, base_macs: int | None = None, label: str = "prune target",
+    tolerance: float = LATENCY_TOLERANCE, max_trials: int = LATENCY_TRIALS,
+) -> LatencyStep:
+    """Search the channel ratio whose pruned copy of `model` runs at `goal` x the unpruned latency.
+
+    `latency(copy)` gives the measured fraction (against the *original* model, so iterative steps aim at
+    cumulative goals). The first guess treats latency like MACs (fraction ~ (1 - ratio)^2); then secant steps
+    inside a shrinking bracket, as for MACs targets, since small models' latency falls slower than their MACs.
+    Stops within `tolerance` of the goal, when the bracket is finer than a channel, or after `max_trials`;
+    returns the closest copy measured (the least pruned of those equally close within the tolerance). `start` is `model`'s own fraction (1 for the original, less after
+    earlier steps), the bracket's lower end; `base_macs` (the original's) gives each trial's MACs fraction.
+    """
+    base_macs = base_macs or measure(model, example_inputs)[0]
+    cache: dict[tuple, torch.Tensor] = {}
+    lo, lo_value, hi, hi_value = 0.0, start, 1.0, None
+    measured: list[LatencyStep] = []
+    empty: _EmptyLayer | None = None
+    trace: list[dict[str, Any]] = []
+    resolution = 0.25 / max(layer_channels(model).values() or [1])
+    ratio = min(max(1 - math.sqrt(goal / lo_value), resolution), 0.95) if lo_value > goal else resolution
+    for trial in range(1, max_trials + 1):
+        try:
+            pruned = _prune_copy(model, example_inputs, ratio, settings, ignored, grads, cache)
+        except _EmptyLayer as exc:
+            empty, hi, hi_value = exc, ratio, None
+            trace.append({"trial": trial, "channel_ratio": round(ratio, 6), "error": f"empties layer {exc.layer}"})
+        else:
+            macs, params = measure(pruned, example_inputs)
+            value = float(latency(pruned))
+            trace.append({"trial": trial, "channel_ratio": round(ratio, 6), "macs_fraction": round(macs / base_macs, 6),
+                          "latency_fraction": round(value, 6)})
+            measured.append(LatencyStep(pruned, ratio, macs, params, trial, value))
+            if abs(value - goal) <= tolerance * goal:
+                break
+            if value > goal:
+                lo, lo_value = ratio, value
+            else:
+                hi, hi_value = ratio, value
+        if hi - lo < resolution:
+            break
+        ratio = _next_ratio(lo, lo_value, hi, hi_value, goal)
+    if not measured:
+        raise InputError(f"{label}: every channel ratio tried would leave layer '{empty.layer if empty else '?'}' "
+                         "with no channels (raise the target, or add layers to prune.ignore)")
+    # the closest copy; among copies as close within the tolerance (timing noise), the least pruned: when a
+    # target cannot be reached (an overhead-bound model), deeper pruning that buys nothing is not taken
+    closest = min(abs(m.latency_fraction - goal) for m in measured)
+    best = min((m for m in measured if abs(m.latency_fraction - goal) <= closest + tolerance * goal),
+               key=lambda m: m.channel_ratio)
+    best.trials, best.trace = trial, trace
+    return best
+
+
+def prune_iteratively_to_latency(
+    model: nn.Module, example_inputs: torch.Tensor, final_fraction: float, latency: LatencyFunction,
+    settings: PruneSettings, *, steps: int = 1, ignored: list[str] | None = None, label: str = "prune target",
+    gradients: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
+    after_step: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+) -> PruneResult:
+    """`steps` latency-target steps toward `final_fraction` of the unpruned latency, recovery after each.
+
+    One row per step: the channel ratio, MACs and params fractions, the measured latency fraction, and the
+    trials of its search (MACs fraction vs latency fraction of each copy timed).
+    """
+    ignored = ignored if ignored is not None else resolve_ignored(model, settings.ignore)
+    base_macs, base_params = measure(model, example_inputs)
+    base_channels = sum(layer_channels(model).values())
+    current, rows, reached = model, [], 1.0
+    for index, goal in enumerate(latency_step_goals(final_fraction, steps), start=1):
+        grads = gradients(current) if gradients is not None else None
+        step_label = label + (f" (step {index}/{steps})" if steps > 1 else "")
+        result = prune_to_latency(current, example_inputs, goal, latency, settings, ignored, grads,
+                                  start=reached, base_macs=base_macs, label=step_label)
+        current, reached = result.model, result.latency_fraction  # the next step's bracket starts here
+        row = {
+            "step": index, "channel_ratio": round(result.channel_ratio, 6), "search_trials": result.trials,
+            "macs": result.macs, "params": result.params, "macs_fraction": round(result.macs / base_macs, 6),
+            "params_fraction": round(result.params / base_params, 6),
+            "channels_fraction": round(sum(layer_channels(current).values()) / base_channels, 6),
+            "latency_goal": round(goal, 6), "latency_fraction": round(result.latency_fraction, 6),
+            "trials": result.trace,
+        }
+        if after_step is not None:
+            after_step(current, row)
+        rows.append(row)
+    return PruneResult(current, rows)
+
+
+def round_to_candidates(
+    model: nn.Module, example_inputs: torch.Tensor, ratio: float, settings: PruneSettings, ignored: list[str],
+    candidates: Iterable[int] = ROUND_TO_CANDIDATES,
+) -> dict[int, nn.Module]:
+    """round_to -> the copy pruned at `ratio` with it (1 = no rounding); a rounding that empties a layer, or
+    gives the same channel counts as a smaller one, is left out."""
+    copies: dict[int, nn.Module] = {}
+    seen: set[tuple] = set()
+    for step in candidates:
+        try:
+            pruned = _prune_copy(model, example_inputs, ratio, replace_round_to(settings, step), ignored, None)
+        except _EmptyLayer:
+            continue
+        shape = tuple(sorted(layer_channels(pruned).items()))
+        if shape not in seen:
+            seen.add(shape)
+            copies[step] = pruned
+    return copies
+
+
+ROUND_TO_TIE = 0.02  # MACs-per-ms rates this close are a tie (timing noise): the coarser rounding is kept
+
+
+def pick_round_to(rows: list[dict[str, Any]]) -> int:
+    """The rounding whose copy turns the most MACs into each millisecond (MACs / p50): at equal latency it
+    keeps the most capacity. Rates within 2 % of the best are a tie, won by the largest round_to: equal at this
+    ratio, and its channel counts stay vector-aligned at the other ratios the search goes on to try (a finer
+    rounding can tie where its counts happen to be aligned, e.g. 28/56/112, and lose badly where they are not).
+    Rows: {round_to, macs, p50_ms}."""
+    rate = {r["round_to"]: r["macs"] / max(r["p50_ms"], 1e-9) for r in rows}
+    best = max(rate.values())
+    return max(k for k, v in rate.items() if v >= best * (1 - ROUND_TO_TIE))
+
+
+def replace_round_to(settings: PruneSettings, round_to: int | None) -> PruneSettings:
+    from dataclasses import replace
+
+    return replace(settings, round_to=None if round_to in (None, 1) else int(round_to))

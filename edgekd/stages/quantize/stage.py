@@ -138,7 +138,8 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     base = qz.QuantSettings(
         mode=q.mode, format=q.format, per_channel=q.per_channel, reduce_range=reduce, activation_type=act,
         weight_type=q.weight_type, method=q.calibration.method, percentile=q.calibration.percentile,
-        exclude_nodes=tuple(q.exclude_nodes), exclude_op_types=tuple(q.exclude_op_types))
+        exclude_nodes=tuple(q.exclude_nodes), exclude_op_types=tuple(q.exclude_op_types),
+        bias_correction=q.bias_correction and q.mode == "static")
     base.check()
     _, auto_reduce, _ = qz.choose_for_cpu("auto", "auto", "int8", cpu)
     metrics: dict[str, Any] = {
@@ -204,6 +205,12 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
                 if candidate.key() not in tried:
                     attempt(candidate)
         best = _pick(attempts, q.max_accuracy_drop)
+        if q.mixed_precision == "auto" and best is not None:
+            mixed = _mixed_precision(q, recipes[attempts.index(best)], src, pre, work, reader, cache, val)
+            metrics["mixed_precision"] = mixed.pop("metrics")
+            row = attempt(mixed["settings"])
+            if row["error"] is None and (mixed["met"] or row["accuracy_drop"] <= best["accuracy_drop"]):
+                best = row  # the search's choice: within the limits (agreement floor included) when any was
         if best is None:
             raise StageFailed(f"quantize: every int8 attempt failed; first error: {attempts[0]['error']}")
         int8_pred = qz.predictions(best["file"], val.inputs)  # for the collapse check below
@@ -262,6 +269,39 @@ def quantize_stage(job: QuantizeJob, ctx: RunContext) -> StageResult:
     if calibration_folder is not None:
         shutil.rmtree(calibration_folder, ignore_errors=True)
     return StageResult(artifacts, metrics, summary)
+
+
+def _mixed_precision(q: Any, base: Any, src: Path, pre: Path, work: Path, reader: Any, cache: Any,
+                     val: Any) -> dict[str, Any]:
+    """quantize.mixed_precision: auto from the best all-int8 recipe: per-layer sensitivity and time gain,
+    then the measured search (edgekd.stages.quantize.mixed)."""
+    import time
+
+    from edgekd.stages.quantize import mixed as mp
+    from edgekd.stages.quantize.quantization import with_label
+
+    start = time.perf_counter()
+    nodes = [n for n in mp.quantizable_nodes(pre) if n not in base.exclude_nodes]
+    folder = work / "mixed"
+    folder.mkdir()
+    measurer = mp.OrtMeasurer(src, pre, folder, reader, cache, val.inputs, val.labels, TIMING_ITERATIONS)
+    profiled = mp.profile_gains(pre, measurer.file(base), val.inputs, nodes)
+    log.info("  mixed precision: %d weighted nodes; per-op profile fp32 %.0f us, int8 %.0f us per run",
+             len(nodes), profiled["fp32_us"], profiled["int8_us"])
+    result = mp.search_mixed_precision(base, nodes, measurer, profiled["gains"], q.max_accuracy_drop,
+                                       q.min_agreement, q.mixed_precision_steps)
+    chosen = result["settings"]
+    label = (f"mixed precision (auto): {len(chosen.exclude_nodes)} of {len(nodes) + len(base.exclude_nodes)} "
+             f"weighted nodes in float")
+    metrics = {"nodes": len(nodes), "kept_fp32": result["kept_fp32"], "weight_ranges": result["weight_ranges"],
+               "sensitivity": result["sensitivity"], "gains": profiled["gains"], "steps": result["steps"],
+               "race": result["race"], "pairs": result["pairs"],
+               "met": result["met"], "max_accuracy_drop": q.max_accuracy_drop, "min_agreement": q.min_agreement,
+               "search_s": time.perf_counter() - start, "candidates_quantized": len(measurer.files),
+               "profile_run_us": {"fp32": profiled["fp32_us"], "int8": profiled["int8_us"]}}
+    log.info("  mixed precision: %s in %.1f s (%d candidate graphs)%s", label, metrics["search_s"],
+             len(measurer.files), "" if result["met"] else "; no mix met the limits")
+    return {"settings": with_label(chosen, label), "met": result["met"], "metrics": metrics}
 
 
 def _describe(row: dict[str, Any]) -> str:
