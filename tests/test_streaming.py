@@ -419,4 +419,6 @@ def test_pipeline_on_an_image_folder_records_loader_wait_and_the_contract_end_to
     deployed = json.loads((run / "deploy" / "preprocess.json").read_text())
     assert deployed["format"] == "edgekd-preprocess/2" and deployed["resize"] == 24 and deployed["crop"] == [20, 20]
     metadata = read_metadata(run / "deploy" / "model.onnx")
+    # the bundle's record adds which file and runtime it describes; the rest is the model's own record
+    assert (deployed.pop("model_file"), deployed.pop("runtime")) == ("model.onnx", "onnxruntime")
     assert {**metadata["preprocess"], "size": [20, 20]} == deployed
