@@ -4,7 +4,7 @@
 
 For each model and target speed-up: `round_to: auto` first (the model pruned at the target's first-guess ratio
 with round_to 1/4/8/16, timed side by side, the most MACs per millisecond wins), then the latency-target search
-of `edgekd.stages.prune.pruning.prune_to_latency` exactly as the prune stage runs it (each trial exported to ONNX
+of `edgekd.stages.prune.search.prune_to_latency` exactly as the prune stage runs it (each trial exported to ONNX
 and timed interleaved with the unpruned model on ONNX Runtime, 1 thread, batch 1, median of 3 rounds). The
 chosen copy is then timed again in 5 fresh interleaved rounds against the unpruned model: that re-measurement
 is the number judged (within 10 % of the target). Untrained weights: latency depends on the graph only.
@@ -30,8 +30,8 @@ import torch
 
 from edgekd.models import create_model
 from edgekd.stages.prune.latency import LatencyProbe, LatencySettings
-from edgekd.stages.prune.pruning import (PruneSettings, layer_channels, measure, pick_round_to, prune_to_latency,
-                                         replace_round_to, resolve_ignored, round_to_candidates)
+from edgekd.stages.prune.pruning import PruneSettings, layer_channels, measure, resolve_ignored
+from edgekd.stages.prune.search import pick_round_to, prune_to_latency, replace_round_to, round_to_candidates
 
 MODELS = {
     "default": ("cnn", {"widths": [32, 64, 128], "blocks": 1}, (1, 28, 28), "int8"),

@@ -11,83 +11,23 @@ pool); each test then asserts on its own case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import struct
-import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, error_lines, run_edgekd, write_config
-
-RUN_DIR = Path("runs") / TINY_CONFIG["name"]
-# What the runner itself may leave in a run directory when a stage fails (never a stage's artifact).
-BOOKKEEPING = {f"{RUN_DIR}/{name}" for name in ("resolved-config.yaml", "log.txt", "manifest.json")}
-CLICK_LINES = re.compile(r"^(Usage: |Try '|\s*$)")
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    setup: Callable[[Path], list[str]]  # writes the case's files into its folder, returns the CLI arguments
-    code: int
-    cause: str  # regex the one error line must match
-    writes: str = "nothing"  # "nothing": no file appears or changes; "bookkeeping": only BOOKKEEPING may appear
-    usage: bool = False  # a click usage error: "Usage:"/"Try" lines, then one "Error: ..." line
-    env: dict[str, str] = field(default_factory=dict)
-    within_s: float | None = None  # answered within this many seconds (e.g. an alias bomb is not expanded)
-
-
-# The case folder first on the import path (user factories, sitecustomize.py), the checkout after it.
-LOCAL_IMPORTS = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
-
+from bad_input_matrix import (LOCAL_IMPORTS, RUN_DIR, Case, assert_refused, config_case, run_cases, sitecustomize,
+                              stage_case, tool_case)
+from conftest import run_edgekd, write_config
 
 # --------------------------------------------------------------------------------------------------
 # Case builders
-
-
-def config_case(id: str, override: dict[str, Any] | None = None, cause: str = "", *, text: str | None = None,
-                args: tuple[str, ...] = (), code: int = 2, writes: str = "nothing", usage: bool = False,
-                extra: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
-                within_s: float | None = None) -> Case:
-    """`edgekd run pipeline.yaml ARGS` with TINY_CONFIG + override (or the raw YAML `text`)."""
-
-    def setup(folder: Path) -> list[str]:
-        if text is not None:
-            (folder / "pipeline.yaml").write_text(text)
-        else:
-            write_config(folder, override)
-        if extra is not None:
-            extra(folder)
-        return ["run", "pipeline.yaml", *args]
-
-    return Case(id, setup, code, cause, writes, usage, env or {}, within_s)
-
-
-def stage_case(id: str, override: dict[str, Any], cause: str, extra: Callable[[Path], None] | None = None,
-               env: dict[str, str] | None = None) -> Case:
-    """A config that validates but fails in the teacher stage (data or model), before any training."""
-    return config_case(id, override, cause, writes="bookkeeping", extra=extra, env=env)
-
-
-def tool_case(id: str, args: list[str], cause: str, files: Callable[[Path], None] | None = None, *,
-              usage: bool = False, env: dict[str, str] | None = None) -> Case:
-    """bench / check / compare / report on files in the case folder."""
-
-    def setup(folder: Path) -> list[str]:
-        if files is not None:
-            files(folder)
-        return list(args)
-
-    return Case(id, setup, 2, cause, "nothing", usage, env or {})
 
 
 def write_png(path: Path, mode: str, size: int = 12, value: int = 128) -> None:
@@ -237,13 +177,6 @@ SITE_BLOCK_MOBILE = (  # an install without the litert / executorch extras, what
 SITE_DISK_FULL = (  # no byte can be written: stands in for a full disk (ENOSPC) at the start of a run
     "import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
     "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n")
-
-
-def sitecustomize(text: str) -> Callable[[Path], None]:
-    def make(folder: Path) -> None:
-        (folder / "sitecustomize.py").write_text(text)
-
-    return make
 
 
 ALIAS_BOMB = "name: tiny\nteacher:\n  model_kwargs:\n    l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -531,68 +464,14 @@ CASES = [
 # Running the matrix
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
-
-
-@dataclass
-class Outcome:
-    folder: Path
-    before: dict[str, str]
-    proc: Any = None
-    seconds: float = 0.0
-
-
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
-    """Every selected case, set up here and run two at a time as real `python -m edgekd` processes."""
-    selected = {item.callspec.params["case"].id for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
-    results: dict[str, Future] = {}
-    pool = ThreadPoolExecutor(max_workers=2)
-    request.addfinalizer(pool.shutdown)
-    for case in CASES:
-        if case.id not in selected:
-            continue
-        folder = tmp_path_factory.mktemp(case.id)
-        args = case.setup(folder)
-        outcome = Outcome(folder, snapshot(folder))
-
-        def job(case: Case = case, args: list[str] = args, outcome: Outcome = outcome) -> Outcome:
-            started = time.perf_counter()
-            outcome.proc = run_edgekd(*args, cwd=outcome.folder, env=case.env, timeout=300)
-            outcome.seconds = time.perf_counter() - started
-            return outcome
-
-        results[case.id] = pool.submit(job)
-    return results
+    return run_cases(request, tmp_path_factory, CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_exits_with_one_line_naming_the_cause_and_writes_nothing(case: Case, outcomes: dict[str, Future]) -> None:
-    outcome: Outcome = outcomes[case.id].result()
-    proc = outcome.proc
-    shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == case.code, shown
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, shown
-    lines = error_lines(proc.stderr)  # progress logs before a stage fails are not the error
-    if case.usage:  # click's own usage error: "Usage: ...", "Try '... -h' for help.", then the one Error line
-        lines = [line for line in lines if not CLICK_LINES.match(line)]
-    assert len(lines) == 1, shown
-    assert re.search(case.cause, lines[0]), f"{lines[0]!r} does not match {case.cause!r}\n{shown}"
-    if case.within_s is not None:
-        assert outcome.seconds < case.within_s, f"answered after {outcome.seconds:.1f} s"
-
-    after = snapshot(outcome.folder)
-    changed = sorted(name for name in outcome.before if after.get(name) != outcome.before[name])
-    assert not changed, f"changed or removed: {changed}"
-    new = sorted(set(after) - set(outcome.before))
-    allowed = BOOKKEEPING if case.writes == "bookkeeping" else set()
-    assert not [name for name in new if name not in allowed], f"new files: {new}"
-    if case.writes == "bookkeeping" and (outcome.folder / RUN_DIR / "manifest.json").exists():
-        manifest = json.loads((outcome.folder / RUN_DIR / "manifest.json").read_text())
-        assert manifest["stages"] == {}, "a failed stage must not be recorded"
+    assert_refused(case, outcomes[case.id].result())
 
 
 def test_bad_input_matrix_covers_every_category_with_at_least_60_cases() -> None:

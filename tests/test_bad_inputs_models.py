@@ -6,17 +6,15 @@ student started from a checkpoint."""
 from __future__ import annotations
 
 import json
-import re
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, error_lines, run_edgekd, write_config
+from bad_input_matrix import LOCAL_IMPORTS, Case, assert_refused, config_case, run_cases, sitecustomize
+from conftest import TINY_CONFIG, run_edgekd, write_config
 from teacher_models import Features, NHWCInput, TwoInputs, export
-from test_bad_inputs import LOCAL_IMPORTS, Case, Outcome, config_case, sitecustomize, snapshot
 
 SIZE, CLASSES = TINY_CONFIG["data"]["synthetic"]["image_size"], 4  # synthetic: 1 channel, 4 classes
 
@@ -128,41 +126,15 @@ CASES: list[Case] = [
 
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
-    """The selected cases set up here and run two at a time as real `python -m edgekd` processes."""
-    selected = {item.callspec.params["case"].id for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
-    pool = ThreadPoolExecutor(max_workers=2)
-    request.addfinalizer(pool.shutdown)
-    results: dict[str, Future] = {}
-    for case in CASES:
-        if case.id in selected:
-            folder = tmp_path_factory.mktemp(case.id)
-            args = case.setup(folder)
-            outcome = Outcome(folder, snapshot(folder))
-
-            def job(case: Case = case, args: list[str] = args, outcome: Outcome = outcome) -> Outcome:
-                started = time.perf_counter()
-                outcome.proc = run_edgekd(*args, cwd=outcome.folder, env=case.env, timeout=300)
-                outcome.seconds = time.perf_counter() - started
-                return outcome
-
-            results[case.id] = pool.submit(job)
-    return results
+    return run_cases(request, tmp_path_factory, CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_model_input_exits_2_with_one_line_and_writes_nothing(case: Case, outcomes: dict[str, Future]) -> None:
     outcome = outcomes[case.id].result()
-    proc, tmp_path, before = outcome.proc, outcome.folder, outcome.before
-    shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == case.code, shown
-    assert "Traceback" not in proc.stderr + proc.stdout, shown
-    lines = error_lines(proc.stderr)
-    assert len(lines) == 1, shown
-    assert re.search(case.cause, lines[0]), f"{lines[0]!r} does not match {case.cause!r}"
-    after = snapshot(tmp_path)
-    assert {name: digest for name, digest in after.items() if "__pycache__" not in name} == before
-    assert not (tmp_path / "torch-cache").exists() or not any((tmp_path / "torch-cache").rglob("*.pth"))
+    assert_refused(case, outcome)
+    cache = outcome.folder / "torch-cache"  # nothing fetched or half-written into the weights cache
+    assert not cache.exists() or not any(cache.rglob("*.pth"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,17 +17,12 @@ from edgekd.models import create_model
 from edgekd.stages.distill.choice import ChoiceSettings, choose, limits, measure_candidates
 from edgekd.stages.distill.config import CandidateConfig, StudentConfig
 from edgekd.stages.prune.latency import LatencyProbe, LatencySettings
-from edgekd.stages.prune.pruning import (LATENCY_TRIALS, PruneSettings, latency_step_goals, layer_channels, measure,
-                                         pick_round_to, prune_iteratively_to_latency, prune_to_latency,
-                                         resolve_ignored, round_to_candidates)
+from edgekd.stages.prune.pruning import PruneSettings, layer_channels, measure, resolve_ignored
+from edgekd.stages.prune.search import (LATENCY_TRIALS, latency_step_goals, pick_round_to, prune_iteratively_to_latency,
+                                        prune_to_latency, round_to_candidates)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def student(widths: tuple[int, ...] = (16, 32, 64)) -> tuple[nn.Module, torch.Tensor]:

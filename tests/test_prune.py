@@ -19,8 +19,9 @@ from edgekd.errors import ConfigError, InputError
 from edgekd.models import create_model, load_model, model_meta
 from edgekd.models.checkpoint import save_checkpoint
 from edgekd.models.structure import apply_structure, record_structure
-from edgekd.stages.prune.pruning import (PruneSettings, PruneTarget, layer_channels, measure, prune_channels, prune_iteratively,
-                            prune_to, resolve_ignored, taylor_gradients)
+from edgekd.stages.prune.pruning import (PruneSettings, PruneTarget, layer_channels, measure, prune_channels,
+                                         resolve_ignored, taylor_gradients)
+from edgekd.stages.prune.search import prune_iteratively, prune_to
 
 CPU = torch.device("cpu")
 ARCHS = {  # spec -> (channels, input size): the built-in family and torchvision adapted to small inputs
@@ -31,13 +32,7 @@ ARCHS = {  # spec -> (channels, input size): the built-in family and torchvision
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin-wait on a shared, busy CPU: one thread is several times faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(spec: str, num_classes: int = 10) -> tuple[nn.Module, torch.Tensor]:

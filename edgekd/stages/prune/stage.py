@@ -29,9 +29,9 @@ def prune_stage(job: PruneJob, ctx: RunContext) -> StageResult:
     from edgekd.models import model_meta
     from edgekd.models.checkpoint import save_checkpoint
     from edgekd.models.structure import record_structure
-    from edgekd.stages.prune.pruning import (PruneSettings, layer_channels, measure, prune_iteratively,
-                                             prune_iteratively_to_latency, resolve_ignored, target_from_config,
-                                             taylor_gradients)
+    from edgekd.stages.prune.pruning import (PruneSettings, layer_channels, measure, resolve_ignored,
+                                             target_from_config, taylor_gradients)
+    from edgekd.stages.prune.search import prune_iteratively, prune_iteratively_to_latency
     from edgekd.train import distributed
     from edgekd.train.loop import accuracy, fit, predict, recalibrate
     from edgekd.train.objectives import make_kd_objective
@@ -265,7 +265,8 @@ def _auto_round_to(model: Any, example: Any, target: Any, steps: int, settings: 
                    timer: _Timer) -> tuple[Any, dict[str, Any]]:
     """round_to: auto. The model pruned at the first step's ratio with each candidate rounding, all timed in one
     interleaved measurement; the rounding with the most MACs per millisecond wins."""
-    from edgekd.stages.prune.pruning import layer_channels, measure, pick_round_to, replace_round_to, round_to_candidates
+    from edgekd.stages.prune.pruning import layer_channels, measure
+    from edgekd.stages.prune.search import pick_round_to, replace_round_to, round_to_candidates
 
     ratio = _first_ratio(target, steps)
     copies = round_to_candidates(model, example, ratio, settings, ignored)
