@@ -24,7 +24,8 @@ from edgekd.errors import InputError
 
 if TYPE_CHECKING:
     from edgekd.data.loading import BatchSource
-    from edgekd.data.sources import Listed, Loaded
+    from edgekd.data.files import Listed
+    from edgekd.data.sources import Loaded
 
 log = logging.getLogger("edgekd")
 STATS_SAMPLES = 512  # training images the mean/std of an image-file dataset are measured on
@@ -226,10 +227,10 @@ def load_data(cfg: DataConfig, seed: int = 0, defaults: Mapping[str, Any] | None
     `defaults` ({resize, crop, mean, std}, e.g. the pretrained weights' own transforms) fill what the config
     leaves unset for image files; bundled datasets keep their fixed size and statistics.
     """
-    from edgekd.data import sources
+    from edgekd.data import files, sources
 
     if cfg.dataset in ("imagefolder", "filelist"):
-        return _load_files(cfg, seed, sources.list_files(cfg), defaults)
+        return _load_files(cfg, seed, files.list_files(cfg), defaults)
     loaded = sources.load_source(cfg, seed)
     images, labels = _limit(loaded.images, loaded.labels, cfg.limit, seed)
     num_classes = _check_classes(labels, loaded)
