@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekd.gate.accuracy import collapse_reason, int8_verdict
-from edgekd.report.build import _not_deployable, choose_artifact
+from edgekd.report.choice import choose_artifact, not_deployable
 from edgekd.runtime.evaluate import EvalData
 from edgekd.runtime.tflite import dequantize_output, quantize_input
 from edgekd.stages.benchmark.measure import Artifact, evaluate_artifacts
@@ -65,7 +65,7 @@ def test_a_collapsed_int8_artifact_is_refused_with_a_clear_message(tmp_path: Pat
     rows = [{"name": name, "kind": a.kind, "runtime": "onnxruntime", "path": a.file, "size_bytes": 1000,
              "latency_ms": [{"threads": 1, "batch": 1, "p50": 1.0 if name == "pruned" else 0.2}], **evaluation[name]}
             for name, a in zip(("pruned", "int8"), artifacts)]
-    blocked = _not_deployable({}, rows, CLASSES)
+    blocked = not_deployable({}, rows, CLASSES)
     assert blocked == {"int8": "collapsed: predicts class 2 for all 64 test images (the reference has 4 classes); never deployed"}
     choice, candidates = choose_artifact(rows, {"latency_threads": 1, "latency_batch": 1}, blocked)
     assert choice["artifact"] == "pruned"  # the collapsed int8 is 5x faster and still never deployed

@@ -16,7 +16,8 @@ from edgekd.gate.compare import compare_reports
 from edgekd.gate.junit import write_junit_for_report
 from edgekd.cli import main
 from edgekd.errors import InputError
-from edgekd.report.build import build_report, choose_artifact
+from edgekd.report.build import build_report
+from edgekd.report.choice import choose_artifact
 from edgekd.gate.compare import parse_fraction
 from report_fixture import latency_rows, make_manifest, samples
 
