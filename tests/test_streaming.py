@@ -408,6 +408,7 @@ def test_pipeline_on_an_image_folder_records_loader_wait_and_the_contract_end_to
     proc = run_edgekd("-q", "run", "pipeline.yaml", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"
+    assert "eval transform: resize 24, center crop 20x20, mean [" in (run / "log.txt").read_text()
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     for stage in ("teacher", "distill"):
         assert 0.0 <= manifest[stage]["metrics"]["data_loader"]["wait_fraction"] <= 1.0

@@ -44,6 +44,13 @@ def run(teacher: TeacherConfig, ctx: RunContext) -> StageResult:
 
     data, batches = ctx.data, ctx.data_config
     log.info("  data: %s, %s, splits %s", data.meta.dataset, "x".join(map(str, data.meta.input_shape)), data.meta.split_sizes)
+    if data.meta.streamed:  # the eval transform the app must reproduce (preprocess.json), defaults resolved
+        meta = data.meta
+        geometry = (f"resize {meta.resize}, center crop {meta.crop[0]}x{meta.crop[1]}" if meta.resize and meta.crop
+                    else f"squash to {meta.height}x{meta.width}")
+        log.info("  eval transform: %s, mean %s, std %s%s", geometry, [round(v, 4) for v in meta.mean],
+                 [round(v, 4) for v in meta.std], " (from the pretrained weights where the config is silent)"
+                 if ctx.data_defaults else "")
     if teacher.onnx is not None:
         return _onnx_teacher(teacher, ctx)
     model = ctx.build_model(teacher.model, teacher.model_kwargs, "teacher.model", weights=teacher.weights,
