@@ -393,11 +393,12 @@ def bias_correct(pre: str | Path, int8: str | Path, target: str | Path, inputs: 
     if not targets:
         onnx.save(model, str(target))
         return {}
-    def channel_means(path: str | Path, folder: Path) -> list[np.ndarray]:
-        """Mean of each target node's output per channel (axis 1), over the batch and spatial positions."""
+    def channel_means(path: str | Path, folder: Path, which: Sequence[int]) -> list[np.ndarray]:
+        """Mean of the output of each target node in `which`, per channel (axis 1), over the batch and spatial
+        positions. Only those outputs are fetched: at 224² every extra activation map costs a copy per batch."""
         probe_model = onnx.load(str(path))
         outputs = {n.name: n.output[0] for n in probe_model.graph.node}
-        names = [outputs[node.name] for node, _ in targets]  # the int8 graph renames outputs that are graph outputs
+        names = [outputs[targets[i][0].name] for i in which]  # the int8 graph renames outputs that are graph outputs
         present = {o.name for o in probe_model.graph.output}
         probe_model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                         for n in names if n not in present)
@@ -418,11 +419,11 @@ def bias_correct(pre: str | Path, int8: str | Path, target: str | Path, inputs: 
 
     shifts = {}
     with tempfile.TemporaryDirectory(prefix="edgekd-bias-") as folder:
-        fp32_means = channel_means(pre, Path(folder))
+        fp32_means = channel_means(pre, Path(folder), range(len(targets)))
         current = Path(folder) / "current.onnx"
         onnx.save(model, str(current))
         for index, (node, dq) in enumerate(targets):
-            delta = channel_means(current, Path(folder))[index] - fp32_means[index]
+            delta = channel_means(current, Path(folder), [index])[0] - fp32_means[index]
             bias = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
             scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
             corrected = np.clip(bias - np.round(delta / scale), -(2**31), 2**31 - 1).astype(np.int32)
