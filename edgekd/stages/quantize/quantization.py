@@ -272,6 +272,14 @@ def _op_types(path: Path, exclude: Sequence[str], dynamic: bool) -> list[str] | 
     return sorted((known & present) - set(exclude))
 
 
+def _weight_channel_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a node's weight, as onnxruntime quantizes it per channel."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return {"ConvTranspose": 1, "MatMul": 1}.get(node.op_type, 0)
+
+
 def quantize_model(pre: str | Path, target: str | Path, settings: QuantSettings,
                    reader: ArrayCalibrationReader | None, cache: CalibrationCache | None = None) -> dict[str, Any]:
     """Quantize the pre-processed model to `target`; returns the exact options passed (for the manifest)."""
@@ -294,9 +302,15 @@ def quantize_model(pre: str | Path, target: str | Path, settings: QuantSettings,
     if settings.method == "percentile":
         extra["CalibPercentile"] = settings.percentile
     if settings.weight_range_overrides:
-        weights = {n.name: n.input[1] for n in graph_nodes(pre) if len(n.input) > 1}
-        extra["TensorQuantOverrides"] = {weights[node]: [{"reduce_range": reduce}]
-                                         for node, reduce in settings.weight_range_overrides if node in weights}
+        nodes = {n.name: n for n in graph_nodes(pre) if len(n.input) > 1}
+        overrides: dict[str, list[dict[str, Any]]] = {}
+        for name, reduce in settings.weight_range_overrides:
+            if name in nodes:
+                override: dict[str, Any] = {"reduce_range": reduce}
+                if settings.per_channel:  # the QOperator quantizer wants the channel axis of a per-channel override
+                    override["axis"] = _weight_channel_axis(nodes[name])
+                overrides[nodes[name].input[1]] = [override]
+        extra["TensorQuantOverrides"] = overrides
     kwargs: dict[str, Any] = {}
     cache_path = cache.path_for(settings) if cache else None
     if cache_path is not None:
