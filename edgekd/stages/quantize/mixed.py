@@ -152,9 +152,12 @@ def choose_weight_ranges(base: QuantSettings, nodes: Sequence[str], measurer: Me
     if not base.reduce_range:
         return base, rows
     better = []
-    for name in nodes:
+    log.info("  mixed precision: trying 8-bit weights layer by layer (%d graphs, one per weighted node)", len(nodes))
+    started = time.perf_counter()
+    for index, name in enumerate(nodes, start=1):
         result = measurer.accuracy(with_weight_range(base, {name: False}))
         helps = result["logit_error"] < reference_error * (1 - WEIGHT_RANGE_GAIN)
+        _progress("8-bit weights", index, len(nodes), started, name, result["logit_error"], helps)
         rows.append({"node": name, "logit_error_8bit": result["logit_error"], "logit_error_7bit": reference_error,
                      "accuracy_drop_8bit": result["accuracy_drop"], "eight_bit": helps})
         if helps:
@@ -171,6 +174,15 @@ def choose_weight_ranges(base: QuantSettings, nodes: Sequence[str], measurer: Me
     return combined, rows
 
 
+def _progress(what: str, index: int, total: int, started: float, node: str, error: float, helps: bool) -> None:
+    """One log line per node measured, with the time left at this pace: these loops run a quantization and a
+    validation pass per weighted node, minutes on a large model."""
+    elapsed = time.perf_counter() - started
+    left = elapsed / index * (total - index)
+    log.info("    %d/%d %s %s: logit error %.4f%s (%.0f s, ~%.0f s left)", index, total, node, what, error,
+             " (better)" if helps else "", elapsed, left)
+
+
 def sensitivities(base: QuantSettings, nodes: Sequence[str], measurer: Measurer,
                   reference: Mapping[str, float]) -> list[dict[str, Any]]:
     """Per node, the all-int8 graph with only that node kept in float: what it recovers vs all-int8.
@@ -178,8 +190,12 @@ def sensitivities(base: QuantSettings, nodes: Sequence[str], measurer: Measurer,
     Sorted most sensitive first (largest logit-error recovery, then accuracy recovery).
     """
     rows = []
-    for name in nodes:
+    log.info("  mixed precision: per-node sensitivity (%d graphs, each with one node kept in float)", len(nodes))
+    started = time.perf_counter()
+    for index, name in enumerate(nodes, start=1):
         result = measurer.accuracy(replace(base, exclude_nodes=tuple(dict.fromkeys((*base.exclude_nodes, name)))))
+        _progress("float", index, len(nodes), started, name, result["logit_error"],
+                  result["logit_error"] < reference["logit_error"])
         rows.append({"node": name, "logit_error": result["logit_error"], "accuracy_drop": result["accuracy_drop"],
                      "agreement": result["agreement"],
                      "error_recovered": reference["logit_error"] - result["logit_error"],
